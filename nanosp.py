@@ -25,7 +25,6 @@ a contiguous block and every shape comment marks the sharded dimension with /t.
     torchrun --nproc_per_node=2 train.py      # training
 """
 import math
-import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -150,10 +149,13 @@ class HashDropout(torch.autograd.Function):
 SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3
 
 
-def dropout(x, p, key, offset):
-    """key None means no dropout (evaluation, or p == 0)."""
+def dropout(x, p, key, offset, fused=None):
+    """key None means no dropout (evaluation, or p == 0). The fused kernel regenerates the mask
+    in backward instead of storing it."""
     if key is None or p == 0.0:
         return x
+    if fused is not None:
+        return fused.dropout(x.contiguous(), p, key, offset)
     return HashDropout.apply(x.contiguous(), p, key, offset)
 
 
@@ -484,9 +486,11 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
-    def forward(self, x):  # saves its input x: 2sbh (2sbh/t under SP)
+    def forward(self, x, fused):  # saves its input x: 2sbh (2sbh/t under SP)
         weight = sp_parameter(self.weight, self.group, self.sequence_parallel)
         bias = sp_parameter(self.bias, self.group, self.sequence_parallel)
+        if fused is not None:
+            return fused.layer_norm(x, weight, bias, 1e-5)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
 
 
@@ -497,7 +501,7 @@ def core_attention(q, k, v, p, key, offset, fused):
     """
     scores = torch.bmm(q, k.transpose(1, 2))  # (a/t B, T, T); saves Q, K: 4sbh/t
     probs = causal_softmax(scores, 1.0 / math.sqrt(q.shape[-1]), fused)  # saves softmax out: 2as^2b/t
-    probs = dropout(probs, p, key, offset)  # saves the mask: as^2b/t (one byte each)
+    probs = dropout(probs, p, key, offset, fused)  # saves the mask: as^2b/t (one byte each)
     return torch.bmm(probs, v)  # (a/t B, T, d); saves dropout out 2as^2b/t and V 2sbh/t
 
 
@@ -562,9 +566,9 @@ class Block(nn.Module):
         offset = group_rank(self.group) * x.numel() if self.cfg.sequence_parallel else 0
         key_attn = None if seed is None else dropout_key(seed, self.layer, SITE_ATTN_OUT)
         key_mlp = None if seed is None else dropout_key(seed, self.layer, SITE_MLP_OUT)
-        y, bias = self.attn(self.ln_1(x), seed, fused)
+        y, bias = self.attn(self.ln_1(x, fused), seed, fused)
         x = bias_dropout_add(y, bias, x, p, key_attn, offset, fused)  # saves the mask: sbh (sbh/t SP)
-        y, bias = self.mlp(self.ln_2(x), fused)
+        y, bias = self.mlp(self.ln_2(x, fused), fused)
         return bias_dropout_add(y, bias, x, p, key_mlp, offset, fused)  # saves the mask: sbh (sbh/t SP)
 
 
@@ -628,10 +632,10 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=idx.device)
         x = x + F.embedding(positions, sp_parameter(self.wpe.weight, group, sp))[:, None, :]
         key = None if seed is None else dropout_key(seed, cfg.n_layer, SITE_EMBED)
-        x = dropout(x, cfg.dropout, key, rank * x.numel() if sp else 0)
+        x = dropout(x, cfg.dropout, key, rank * x.numel() if sp else 0, fused)
         for block in self.h:
             x = block(x, seed, fused)
-        x = self.ln_f(x)
+        x = self.ln_f(x, fused)
         logits = column_parallel_linear(x, self.wte.weight, None, group, sp)  # (T, B, V'/t), tied head
 
         if targets is not None:
