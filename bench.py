@@ -1,0 +1,326 @@
+"""bench.py: the tables behind every performance claim nanosp makes.
+
+    python bench.py              # CPU, a few minutes: markdown tables on stdout, bench.json beside them
+    python bench.py --quick      # small sizes, well under a minute (what test_bench.py runs)
+
+1. activation memory per layer, measured beside the paper's Table 2, at t = 1, 2, 4, 8
+2. FLOPs of a training step with none / selective / full recompute, counted beside Appendix A
+3. bytes on the wire per layer for TP and TP+SP, collective by collective
+4. milliseconds per training step at t = 2 (two gloo CPU processes), beside the paper's Table 4
+5. on CUDA only: the same step times on one GPU, and kernels.benchmark()
+
+Tensor-parallel sizes above the number of processes are measured on one rank's shard with a
+"fake" process group: every shape and byte count is exact, the values are not.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nanosp
+
+SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12288)
+    "full": dict(memory=dict(s=1024, h=512, a=8, b=1),
+                 flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
+                 time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=7),
+                 cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10)),
+    "quick": dict(memory=dict(s=256, h=128, a=8, b=1),
+                  flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
+                  time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3),
+                  cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3)),
+}
+PAPER_MODELS = [("GPT-3 175B", dict(L=96, s=2048, h=12288, V=51200)),
+                ("MT-NLG 530B", dict(L=105, s=2048, h=20480, V=51200))]
+# Korthikanti et al. 2022, Table 4: time per layer of a 22B model against TP without recompute
+PAPER_TABLE4 = {"TP": 1.00, "TP+SP": 0.97, "TP+selective": 1.07, "TP+SP+selective": 1.04, "TP+full": 1.39}
+DROPOUTS = (0.1, 0.0)
+TIMED = [("TP", False, "none"), ("TP+SP", True, "none"), ("TP+selective", False, "selective"),
+         ("TP+SP+selective", True, "selective"), ("TP+full", False, "full")]
+
+
+def config(size, **overrides):
+    """A GPTConfig from a SIZES entry (L, s, h, a, V), dropout 0.1 as in the paper's accounting."""
+    fields = dict(vocab_size=size.get("V", 256), block_size=size["s"], n_layer=size.get("L", 1),
+                  n_head=size["a"], n_embd=size["h"], dropout=0.1)
+    return nanosp.GPTConfig(**{**fields, **overrides})
+
+
+def table(title, headers, rows):
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + " --- |" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
+def fake_groups(ts):
+    """One rank of a fake 8-process world, and a group of each size t (None for t = 1)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=max(ts))
+    return {t: None if t == 1 else dist.new_group(list(range(t))) for t in ts}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. activation memory (Table 2)
+
+
+def bench_memory(size, groups):
+    cfg, s, b = config(size), size["s"], size["b"]
+    rows = []
+    for t, group in groups.items():
+        measured = nanosp.activation_table(cfg, group, batch=b, seq=s, dtype=torch.bfloat16)
+        by_name = {r["configuration"]: r["measured"] for r in measured}
+        for r in measured:
+            rows.append(dict(r, t=t, vs_tp=by_name["tensor parallel"] / r["measured"],
+                             vs_none=by_name["no parallelism"] / r["measured"]))
+    table(f"1. Activation memory per layer (Table 2): s={s} b={b} h={size['h']} a={size['a']}, "
+          f"5as/h={5 * size['a'] * s // size['h']}, bf16, dropout 0.1; t > 1 measured on one rank's "
+          f"shard with a fake process group",
+          ["configuration", "t", "measured bytes", "formula bytes", "ratio", "reduction vs TP",
+           "reduction vs none"],
+          [(r["configuration"], r["t"], f"{r['measured']:,}", f"{r['formula']:,.0f}", f"{r['ratio']:.4f}",
+            f"{r['vs_tp']:.2f}x", f"{r['vs_none']:.2f}x") for r in rows])
+    best = next(r for r in rows if r["t"] == max(groups)
+                and r["configuration"] == "tensor + sequence parallel + selective recompute")
+    formula = paper_reduction(size, max(groups))
+    print(f"\nTP -> TP+SP+selective at t={best['t']}: {best['vs_tp']:.2f}x measured, "
+          f"{formula:.2f}x by the formula (the paper's headline: about 5x).")
+    return rows
+
+
+def paper_reduction(size, t):
+    s, b, h, a = size["s"], size["b"], size["h"], size["a"]
+    return (nanosp.paper_activation_bytes(s, b, h, a, t, False, "none")
+            / nanosp.paper_activation_bytes(s, b, h, a, t, True, "selective"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. recompute FLOPs (Appendix A)
+
+
+def flop_rows(name, B, L, s, h, V, counted=None):
+    exact = {m: nanosp.exact_training_flops(B, L, s, h, V, m) for m in nanosp.RECOMPUTE_MODES}
+    paper = {m: nanosp.paper_training_flops(B, L, s, h, V, m) for m in nanosp.RECOMPUTE_MODES}
+    return [dict(model=name, recompute=m, counted=counted and counted[m], exact=exact[m], paper=paper[m],
+                 overhead_exact=exact[m] / exact["none"] - 1, overhead_paper=paper[m] / paper["none"] - 1,
+                 s_over_h=s / h) for m in nanosp.RECOMPUTE_MODES]
+
+
+def bench_flops(size):
+    B, L, s, h, V = size["b"], size["L"], size["s"], size["h"], size["V"]
+    counted = {m: nanosp.count_training_flops(config(size, recompute=m), B, s) for m in nanosp.RECOMPUTE_MODES}
+    rows = flop_rows(f"nanosp L={L} s={s} h={h} V={V} B={B}", B, L, s, h, V, counted)
+    for name, shape in PAPER_MODELS:
+        rows += flop_rows(f"{name} (analytic) L={shape['L']} s={shape['s']} h={shape['h']} V={shape['V']} B=1",
+                          B=1, **shape)
+    table("2. FLOPs of one training step (forward + backward); counted by FlopCounterMode, exact = the "
+          "matmuls nanosp runs, paper = Appendix A",
+          ["model", "recompute", "counted", "exact", "paper", "overhead (exact)", "overhead (paper)"],
+          [(r["model"], r["recompute"], "-" if r["counted"] is None else f"{r['counted']:.4e}",
+            f"{r['exact']:.4e}", f"{r['paper']:.4e}", f"{100 * r['overhead_exact']:.2f}%",
+            f"{100 * r['overhead_paper']:.2f}%") for r in rows])
+    gpt3 = {r["recompute"]: r for r in rows if r["model"].startswith("GPT-3")}
+    print(f"\nSelective recompute reruns only QK^T and .V in backward, 4Bs^2h per layer: s/18h of the "
+          f"layer's 72Bsh^2. The paper's Appendix A writes s/3h for s/6h, an overhead of s/6h, three times "
+          f"that. At GPT-3 175B: {100 * gpt3['selective']['overhead_exact']:.2f}% counted this way, "
+          f"{100 * gpt3['selective']['overhead_paper']:.2f}% by the paper's formula. Full recompute: "
+          f"exact and paper agree ({100 * gpt3['full']['overhead_exact']:.2f}% at GPT-3).")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. communication
+
+
+def collective_kind(sequence_parallel, caller, op):
+    if sequence_parallel and op == "allreduce":
+        return "parameter gradients (sequence-shard params)"
+    if caller == "LinearWithSequenceGather.backward" and op.startswith("allgather"):
+        return "re-gather of the saved input shard"
+    return "activations"
+
+
+def bench_communication(size, groups):
+    s, b, h = size["s"], size["b"], size["h"]
+    rows, summary = [], []
+    for t, group in groups.items():
+        if t == 1:
+            continue
+        kinds = {}
+        for label, sp in (("TP", False), ("TP+SP", True)):
+            log = nanosp.measure_communication(config(size, sequence_parallel=sp), group, b, s, torch.bfloat16)
+            counts = {}
+            for phase, caller, op, nbytes in log:
+                key = (label, collective_kind(sp, caller, op), phase, op, nbytes)
+                counts[key] = counts.get(key, 0) + 1
+            for (label_, kind, phase, op, nbytes), n in counts.items():
+                ring = n * nanosp.ring_bytes_sent(op, nbytes, t)
+                rows.append(dict(t=t, config=label_, kind=kind, phase=phase, op=op, count=n,
+                                 message_bytes=nbytes, ring_bytes=ring))
+                kinds[(label_, kind)] = kinds.get((label_, kind), 0) + ring
+        tp, sp = kinds[("TP", "activations")], kinds[("TP+SP", "activations")]
+        summary.append(dict(t=t, tp_activations=tp, sp_activations=sp, equal=tp == sp,
+                            sp_regather=kinds.get(("TP+SP", "re-gather of the saved input shard"), 0),
+                            sp_param_grads=kinds.get(("TP+SP", "parameter gradients (sequence-shard params)"), 0)))
+    table(f"3a. Collectives of one layer, forward + backward: s={s} b={b} h={h} bf16 (sbh = {s * b * h * 2:,} "
+          f"bytes); ring bytes = bytes one rank sends; t > 1 on a fake process group",
+          ["t", "config", "what", "phase", "op", "count", "message bytes", "ring bytes sent"],
+          [(r["t"], r["config"], r["kind"], r["phase"], r["op"], r["count"], f"{r['message_bytes']:,}",
+            f"{r['ring_bytes']:,.0f}") for r in rows])
+    table("3b. Ring bytes per layer per step, by what they move",
+          ["t", "TP activations", "TP+SP activations", "equal", "TP+SP re-gather (2 all-gathers of sbh)",
+           "TP+SP parameter gradients (6h)", "TP+SP total / TP total"],
+          [(r["t"], f"{r['tp_activations']:,.0f}", f"{r['sp_activations']:,.0f}", r["equal"],
+            f"{r['sp_regather']:,.0f}", f"{r['sp_param_grads']:,.0f}",
+            f"{(r['sp_activations'] + r['sp_regather'] + r['sp_param_grads']) / r['tp_activations']:.3f}")
+           for r in summary])
+    return dict(rows=rows, summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. time per training step (Table 4)
+
+
+def time_steps(models, idx, reps, sync):
+    """Median ms of forward + backward per model, run interleaved (A B C ... A B C ...) after one
+    warm-up round, so that drift in the machine's speed touches every model alike."""
+    times = {name: [] for name in models}
+    for rep in range(reps + 1):
+        for name, model in models.items():
+            sync()
+            start = time.perf_counter()
+            _, loss = model(idx, idx)
+            loss.backward()
+            sync()
+            if rep:
+                times[name].append(1e3 * (time.perf_counter() - start))
+            model.zero_grad(set_to_none=True)
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
+def _time_worker(rank, world, port, size, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import datetime
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    models = {(name, p): nanosp.GPT(config(size, sequence_parallel=sp, recompute=rc, dropout=p), dist.group.WORLD)
+              for p in DROPOUTS for name, sp, rc in TIMED}
+    idx = torch.randint(0, size["V"], (size["b"], size["s"]), generator=torch.Generator().manual_seed(0))
+    ms = time_steps(models, idx, size["reps"], dist.barrier)
+    if rank == 0:
+        queue.put({f"dropout {p}": {name: ms[name, p] for name, *_ in TIMED} for p in DROPOUTS})
+    dist.destroy_process_group()
+
+
+def run_world(world, target, args, timeout):
+    """Run target(rank, world, port, *args, queue) on `world` spawned processes; rank 0's answer."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=target, args=(rank, world, port, *args, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    if any(p.is_alive() for p in procs):
+        for p in procs:
+            p.kill()
+        raise TimeoutError(f"the {world} timing processes did not finish in {timeout} s")
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"a timing process failed: exit codes {[p.exitcode for p in procs]}")
+    return queue.get()
+
+
+def time_table(title, columns, paper):
+    """columns: {label: {config: median ms}}; each column's ratios are to its first config."""
+    rows = []
+    for name in paper:
+        row = dict(config=name, paper=paper[name])
+        for label, ms in columns.items():
+            row[label] = dict(ms=ms[name], ratio=ms[name] / ms[next(iter(ms))])
+        rows.append(row)
+    headers = ["config", *[f"{h} ({label})" for label in columns for h in ("ms", "ratio")], "paper Table 4"]
+    body = [[r["config"], *[cell for label in columns for cell in (f"{r[label]['ms']:.1f}", f"{r[label]['ratio']:.3f}")],
+             f"{r['paper']:.2f}"] for r in rows]
+    table(title, headers, body)
+    return rows
+
+
+def bench_time(size):
+    columns = run_world(2, _time_worker, (size,), timeout=400)
+    rows = time_table(f"4. Time per training step, forward + backward, t=2 (two gloo CPU processes, one thread "
+                      f"each): L={size['L']} s={size['s']} h={size['h']} a={size['a']} b={size['b']} float32; "
+                      f"median of {size['reps']} interleaved rounds; ratio to TP", columns, PAPER_TABLE4)
+    print("\nOn a CPU the hashed dropout mask of the a/t x s x s attention probabilities costs far more than "
+          "the attention matmuls, and selective recompute draws it twice: compare the two columns. TP+SP sends "
+          "the activation bytes of TP plus the backward re-gather (table 3b), over gloo here, unoverlapped.")
+    return rows
+
+
+def bench_cuda(size):
+    """Unsharded none / selective / full on one GPU (bf16, fused kernels), then kernels.benchmark()."""
+    if not torch.cuda.is_available():
+        print("\n### 5. CUDA\n\nNo CUDA device here: GPU step times and the kernel benchmark were skipped.")
+        return dict(skipped="no CUDA device")
+    idx = torch.randint(0, size["V"], (size["b"], size["s"]), device="cuda")
+    models = {rc: nanosp.GPT(config(size, recompute=rc)).to("cuda", torch.bfloat16) for rc in nanosp.RECOMPUTE_MODES}
+    ms = time_steps(models, idx, size["reps"], torch.cuda.synchronize)
+    rows = time_table(f"5a. Time per training step on one GPU ({torch.cuda.get_device_name()}), unsharded, "
+                      f"bf16: L={size['L']} s={size['s']} h={size['h']} a={size['a']} b={size['b']}",
+                      {"dropout 0.1": ms}, {"none": 1.00, "selective": 1.07, "full": 1.39})
+    result = dict(time=rows)
+    try:
+        import kernels
+    except ImportError:
+        print("\nkernels.py is not importable here: no kernel benchmark.")
+        return result
+    if not kernels.available():
+        print("\nkernels.available() is False (the extension did not build): no kernel benchmark.")
+        return result
+    result["kernels"] = kernels.benchmark()
+    table("5b. Fused kernels (kernels.benchmark()): GB/s of minimal traffic, fraction of copy bandwidth",
+          ["op", "shape", "dtype", "ms", "GB/s", "of copy", "vs eager", "vs compile"],
+          [(r["op"], r["shape"], r["dtype"], f"{r['ms']:.3f}", f"{r['GBps']:.0f}", f"{r['frac_copy']:.2f}",
+            f"{r['vs_eager']:.2f}x", "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}x")
+           for r in result["kernels"]])
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, well under a minute")
+    parser.add_argument("--out", default="bench.json", help="where the JSON goes")
+    args = parser.parse_args()
+    sizes = SIZES["quick" if args.quick else "full"]
+    torch.manual_seed(0)
+    result, seconds = dict(meta=dict(quick=args.quick, torch=torch.__version__, sizes=sizes)), {}
+    groups = fake_groups([1, 2, 4, 8])  # spawned timing processes start clean of it
+    for name, fn, size_args in (("memory", bench_memory, (sizes["memory"], groups)),
+                                ("flops", bench_flops, (sizes["flops"],)),
+                                ("communication", bench_communication, (sizes["memory"], groups)),
+                                ("time", bench_time, (sizes["time"],)),
+                                ("cuda", bench_cuda, (sizes["cuda"],))):
+        start = time.perf_counter()
+        result[name] = fn(*size_args)
+        seconds[name] = time.perf_counter() - start
+    result["meta"]["seconds"] = seconds
+    print("\nseconds per section: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
