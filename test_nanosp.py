@@ -245,6 +245,35 @@ def test_input_gradients(world, sequence_parallel, recompute):
     assert max(errors) < TOL
 
 
+def task_conjugate_pairs(ctx):
+    """Each of the four operators against its definition, forward and backward, on a world of 4.
+    Rank r holds x_r; the sums and concatenations are written out by hand here."""
+    group, t, r = ctx.group(4), 4, ctx.rank
+    xs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(t)]
+    gs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64) for i in range(t)]
+    shard = slice(2 * r, 2 * r + 2)
+    cases = {  # name: (operator, input, upstream grad, expected output, expected input grad)
+        "f": (nanosp.copy_to_tp, xs[r], gs[r], xs[r], sum(gs)),
+        "g": (nanosp.reduce_from_tp, xs[r], gs[r], sum(xs), gs[r]),
+        "g-hat": (nanosp.gather_from_sp, xs[r][shard], gs[r], torch.cat([x[2 * i:2 * i + 2] for i, x in enumerate(xs)]),
+                  sum(gs)[shard]),
+        "g-bar": (nanosp.reduce_scatter_to_sp, xs[r], gs[r][shard], sum(xs)[shard],
+                  torch.cat([g[2 * i:2 * i + 2] for i, g in enumerate(gs)])),
+    }
+    errors = {}
+    for name, (op, x, g, y_expected, grad_expected) in cases.items():
+        x = x.clone().requires_grad_()
+        y = op(x, group)
+        y.backward(g)
+        errors[name] = max(rel_err(y, y_expected), rel_err(x.grad, grad_expected))
+    return errors
+
+
+def test_conjugate_pairs(world):
+    for errors in world.run(task_conjugate_pairs):
+        assert max(errors.values()) < TOL, errors
+
+
 # ----------------------------------------------------------------------------------------------
 # the known traps
 
