@@ -148,7 +148,7 @@ def test_grad_norm_unsharded_equals_torch():
     idx = torch.randint(0, 256, (2, 16))
     model(idx, idx)[1].backward()
     want = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-    assert train.grad_norm(model).item() == pytest.approx(want.item(), rel=1e-12)
+    assert train.grad_norm(model, dict(model.named_parameters())).item() == pytest.approx(want.item(), rel=1e-12)
 
 
 def test_kill_and_resume_reproduces_the_run(text, tmp_path):
@@ -179,6 +179,34 @@ def test_kill_and_resume_reproduces_the_run(text, tmp_path):
     final, resumed_final = load_ckpt(straight), load_ckpt(cut)
     assert resumed_final["forward_count"] == final["forward_count"]
     assert max(rel_err(resumed_final["model"][k], v) for k, v in final["model"].items()) < 1e-6
+
+
+def test_bfloat16_steps_float32_master_weights_and_resumes_exactly(text, tmp_path):
+    """--dtype bfloat16, tp=2 with sequence parallelism: after AdamW's first step (lr 1e-4, no decay,
+    no clipping) every master weight has moved by about lr * sign(gradient) from its float32
+    initial value. bf16 weights alone could not hold that: near 1.0 (the LayerNorm weights) their
+    spacing is 2^-7. Resuming from the float32 masters then reproduces the run exactly."""
+    init, cut, straight = tmp_path / "init", tmp_path / "cut", tmp_path / "straight"
+    run([*SMALL, "--data", text, "--steps", 1, "--lr", 0, "--out-dir", init])  # float32, unchanged
+    common = [*SMALL, "--data", text, "--steps", 3, "--lr", 1e-4, "--min-lr", 1e-4, "--warmup-steps", 0,
+              "--weight-decay", 0, "--grad-clip", 0, "--dtype", "bfloat16", "--tp", 2, "--sequence-parallel"]
+    run([*common, "--stop-after", 1, "--out-dir", cut], nproc=2)
+    first, initial = load_ckpt(cut), load_ckpt(init)["model"]
+    moved = {}
+    for name, w0 in initial.items():
+        w1 = first["model"][name]
+        assert w1.dtype == torch.float32 and first["optimizer"][name]["exp_avg"].dtype == torch.float32
+        moved[name] = (w1 - w0).abs()
+        assert moved[name].max() < 1.01e-4, name
+    # (the key bias has no gradient: softmax ignores a constant added to a row of scores)
+    moved_by_lr = torch.cat([m.reshape(-1) for m in moved.values()]) > 0.9e-4
+    assert moved_by_lr.float().mean() > 0.9
+    assert (moved["h.0.ln_1.weight"] > 0.9e-4).all() and torch.equal(initial["h.0.ln_1.weight"], torch.ones(32))
+    run([*common, "--resume", "--out-dir", cut], nproc=2)
+    run([*common, "--out-dir", straight], nproc=2)
+    want, got = read_log(straight), read_log(cut)
+    assert [got[s]["loss"] for s in (2, 3)] == [want[s]["loss"] for s in (2, 3)]
+    assert all(torch.equal(load_ckpt(cut)["model"][k], v) for k, v in load_ckpt(straight)["model"].items())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ What to look for:
   (not slices of one global mask, so dropout > 0 runs at different dp differ), and resume is exact.
 - --resume without a checkpoint in --out-dir starts fresh (and says so), so one command line
   serves both the first submission of a job and its restarts. --init is ignored when resuming.
-- --dtype bfloat16 casts the weights and AdamW state too, with no float32 master copy: autocast
-  over float32 weights fails in the backward of nanosp's sequence-parallel linear (bf16 @ fp32).
+- --dtype bfloat16 is mixed precision as Megatron-LM does it: the model (weights, activations,
+  gradients, collectives) in bf16, float32 master weights and AdamW state that the optimizer
+  steps, rounded back into the model after each step. Checkpoints hold the float32 masters.
 - Tokens are bytes (vocab 256) even for --init gpt2:PATH: GPT-2's first 256 token ids are reused
   as bytes, and sampling is restricted to them.
 """
@@ -82,7 +83,7 @@ def parse_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 = off")
     a("--seed", type=int, help="weights, data order and dropout masks (default 0, or the checkpoint's)")
     a("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
-      help="of weights, activations and AdamW state alike (bfloat16: no float32 master copy)")
+      help="of the model; bfloat16 keeps float32 master weights and AdamW state")
     a("--device", help="cpu or cuda (default: cuda if available); cuda uses NCCL and LOCAL_RANK")
     a("--timeout", type=float, default=120,
       help="seconds before a stuck collective fails; must exceed a checkpoint write (rank 0 writes, the rest wait)")
@@ -268,10 +269,10 @@ def learning_rate(step, args):  # step counts from 1; warmup, then cosine to min
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (args.lr - min_lr)
 
 
-def make_optimizer(model, args):
-    params = list(model.named_parameters())
-    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
+def make_optimizer(masters, args):
+    """AdamW over the master weights, {name: parameter}."""
+    groups = [{"params": [p for p in masters.values() if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in masters.values() if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
@@ -282,20 +283,20 @@ def is_sharded(name):
                                                   "c_fc.bias", "c_proj.weight"))
 
 
-def grad_norm(model):
+def grad_norm(model, masters):
     """The gradient norm of the unsharded model, identical on every rank of the TP group."""
     sharded, replicated = (torch.zeros((), dtype=torch.float64, device=model.wpe.weight.device) for _ in "ab")
-    for name, p in model.named_parameters():
+    for name, p in masters.items():
         (sharded if is_sharded(name) else replicated).add_(p.grad.double().pow(2).sum())
     if model.tp_size > 1:  # each rank holds a different piece of the sharded ones; replicated count once
         dist.all_reduce(sharded, group=model.group)
     return (sharded + replicated).sqrt()
 
 
-def optimizer_state(model, optimizer):
+def optimizer_state(model, masters, optimizer):
     """Collective over the TP group: AdamW's state, unsharded, keyed by parameter name."""
     state = {}
-    for name, p in model.named_parameters():
+    for name, p in masters.items():
         s = optimizer.state.get(p)
         if s:
             state[name] = {"step": float(s["step"]), "exp_avg": model.full_tensor(name, s["exp_avg"]).cpu(),
@@ -303,10 +304,10 @@ def optimizer_state(model, optimizer):
     return state
 
 
-def load_optimizer_state(model, optimizer, state):
+def load_optimizer_state(model, masters, optimizer, state):
     index = {p: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     local = {}
-    for name, p in model.named_parameters():
+    for name, p in masters.items():
         if name in state:
             s = state[name]
             local[index[p]] = {"step": torch.tensor(s["step"]),
@@ -339,10 +340,12 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
-def save_checkpoint(model, optimizer, step, args, rank, dp_rank):
+def save_checkpoint(model, masters, optimizer, step, args, rank, dp_rank):
+    """The master weights (float32 under bfloat16), unsharded: model.full_state_dict() of them."""
     if dp_rank != 0:  # DP replicas hold the same weights: only replica 0's TP group gathers
         return
-    ckpt = {"model": model.full_state_dict(), "optimizer": optimizer_state(model, optimizer),
+    weights = {name: model.full_tensor(name, p.detach()).cpu() for name, p in masters.items()}
+    ckpt = {"model": weights, "optimizer": optimizer_state(model, masters, optimizer),
             "step": step, "config": dataclasses.asdict(model.cfg), "args": vars(args),
             "forward_count": model.forward_count}
     if rank == 0:
@@ -376,17 +379,27 @@ def evaluate(model, data, args, dp, dp_rank, dp_group):
 
 
 def build_model(cfg, tp_group, device, dtype, state_dict):
-    model = nanosp.GPT(cfg, group=tp_group).to(device, dtype)
+    """Returns (model in `dtype`, {name: master weight}). The optimizer steps the master weights.
+    In float32 and float64 they are the model's own parameters. In bfloat16 they are float32
+    copies, as in Megatron-LM's mixed precision: weights, activations and gradients in bf16 (2
+    bytes, as Table 2 counts), gradients summed into float32, AdamW in float32, and the updated
+    weights rounded to bf16 after each step; bf16 alone would lose every update smaller than
+    1/256 of a weight."""
+    model = nanosp.GPT(cfg, group=tp_group).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
     if state_dict is not None:
         try:
             model.load_full_state_dict(state_dict)
         except ValueError as e:  # the same on every rank: all fail alike
             raise Usage(e) from None
-    return model
+    if dtype != torch.bfloat16:
+        return model, dict(model.named_parameters())
+    masters = {name: torch.nn.Parameter(p.detach().clone()) for name, p in model.named_parameters()}
+    return model.to(dtype), masters
 
 
-def train_step(model, optimizer, params, x_all, y_all, step, args, dp, dp_rank, dp_group):
+def train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank, dp_group):
     """One optimizer step on the global batch (x_all, y_all); returns (mean loss, gradient norm)."""
+    params = list(model.parameters())  # in the order of masters
     rows = args.batch_size // (dp * args.grad_accum)  # sequences per micro-step per replica
     loss_sum = 0.0
     for micro in range(args.grad_accum):
@@ -398,26 +411,35 @@ def train_step(model, optimizer, params, x_all, y_all, step, args, dp, dp_rank, 
         loss_sum = loss_sum + loss.detach()
     # the data-parallel all-reduce: every local gradient and the loss, one flat buffer (DDP would
     # bucket it and overlap it with backward; here it is one visible call after backward)
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [(loss_sum / args.grad_accum).reshape(1)])
+    # in the masters' dtype: under bfloat16 the gradients are summed in float32
+    master_list = list(masters.values())
+    dtype = master_list[0].dtype
+    flat = torch.cat([p.grad.reshape(-1).to(dtype) for p in params] + [(loss_sum / args.grad_accum).reshape(1)])
     if dp_group is not None:
         dist.all_reduce(flat, group=dp_group)
         flat /= dp
-    for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
-    norm = grad_norm(model)
+    for p, master, g in zip(params, master_list, flat[:-1].split([p.numel() for p in params])):
+        p.grad = None
+        master.grad = g.view_as(master)
+    norm = grad_norm(model, masters)
     if args.grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip, norm.to(params[0].dtype))
+        torch.nn.utils.clip_grads_with_norm_(master_list, args.grad_clip, norm.to(dtype))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if master_list[0] is not params[0]:  # bfloat16: round the updated master weights into the model
+        with torch.no_grad():
+            for p, master in zip(params, master_list):
+                p.copy_(master)
     return flat[-1], norm
 
 
 def train(args, cfg, t, dp, ckpt, data, init):
     rank, device, tp_group, dp_group, dp_rank = setup_distributed(args, t, dp)
-    model = build_model(cfg, tp_group, device, getattr(torch, args.dtype), ckpt["model"] if ckpt else init)
-    optimizer, start = make_optimizer(model, args), 0
+    model, masters = build_model(cfg, tp_group, device, getattr(torch, args.dtype),
+                                 ckpt["model"] if ckpt else init)
+    optimizer, start = make_optimizer(masters, args), 0
     if ckpt is not None:
-        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        load_optimizer_state(model, masters, optimizer, ckpt["optimizer"])
         start, model.forward_count = ckpt["step"], ckpt["forward_count"]
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.resume:
@@ -429,7 +451,6 @@ def train(args, cfg, t, dp, ckpt, data, init):
     say(f"tp={t} dp={dp} sequence_parallel={cfg.sequence_parallel} recompute={cfg.recompute}, "
         f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {args.seq_len} tokens in "
         f"{args.grad_accum} micro-steps, {device}, {args.dtype}")
-    params = list(model.parameters())
     timer, timed_steps = 0.0, 0
     for step in range(start + 1, stop + 1):
         t0 = time.perf_counter()
@@ -437,7 +458,7 @@ def train(args, cfg, t, dp, ckpt, data, init):
         for group in optimizer.param_groups:
             group["lr"] = lr
         x_all, y_all = get_batch(data[0], args.batch_size, args.seq_len, batch_seed(args.seed, step, "train"))
-        loss, norm = train_step(model, optimizer, params, x_all, y_all, step, args, dp, dp_rank, dp_group)
+        loss, norm = train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank, dp_group)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timer, timed_steps = timer + time.perf_counter() - t0, timed_steps + 1
@@ -457,7 +478,7 @@ def train(args, cfg, t, dp, ckpt, data, init):
                 log.flush()
                 say(progress_line(record, args.max_steps), flush=True)
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == stop:
-            save_checkpoint(model, optimizer, step, args, rank, dp_rank)
+            save_checkpoint(model, masters, optimizer, step, args, rank, dp_rank)
     if start >= stop:
         say(f"{args.ckpt_path} is already at step {start} >= {stop}: nothing to do")
     if log:
@@ -481,7 +502,7 @@ def sample(args, cfg, t, dp, ckpt):
     tokens agree without a broadcast. Rank 0 prints."""
     cfg = dataclasses.replace(cfg, sequence_parallel=False, dropout=0.0)  # any prompt length
     rank, device, tp_group, _, _ = setup_distributed(args, t, dp)
-    model = build_model(cfg, tp_group, device, torch.float32, ckpt["model"]).eval()
+    model = build_model(cfg, tp_group, device, torch.float32, ckpt["model"])[0].eval()
     gen = torch.Generator().manual_seed(args.seed or 0)
     idx = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
     for _ in range(args.max_new_tokens):
