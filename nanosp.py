@@ -603,6 +603,10 @@ class GPT(nn.Module):
     def check_input(self, idx):
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be (B, T) int64, got {tuple(idx.shape)} {idx.dtype}")
+        if torch.is_autocast_enabled(idx.device.type):
+            raise ValueError("torch.autocast is not supported: recomputation would rerun in another dtype and "
+                             "the sequence-gathering linear would mix dtypes. Cast the model instead, "
+                             "model.to(torch.bfloat16), with float32 master weights as in train.py")
         T, t = idx.shape[1], self.tp_size
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length T={T} exceeds block_size={self.cfg.block_size}")

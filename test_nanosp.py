@@ -449,6 +449,15 @@ def test_state_dict_errors():
         model(torch.zeros(1, 4))
 
 
+def test_autocast_is_refused():
+    """Under torch.autocast the recomputed attention would rerun in another dtype than it first
+    ran in; nanosp says so instead of training on silently different numbers."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, recompute="selective"))
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match=r"model.to\(torch.bfloat16\)"):
+        model(idx, idx)
+
+
 def test_group_without_torch_distributed():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="not initialized"):
