@@ -276,18 +276,13 @@ def make_optimizer(masters, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
-def is_sharded(name):
-    """Megatron's split: the vocab-parallel embedding, column-parallel weights and biases, and
-    row-parallel weights. Everything else is replicated on every rank of the TP group."""
-    return name == "wte.weight" or name.endswith(("c_attn.weight", "c_attn.bias", "c_fc.weight",
-                                                  "c_fc.bias", "c_proj.weight"))
-
-
 def grad_norm(model, masters):
-    """The gradient norm of the unsharded model, identical on every rank of the TP group."""
+    """The gradient norm of the unsharded model, identical on every rank of the TP group.
+    model.shard_dims names the sharded parameters (the vocab-parallel embedding, column-parallel
+    weights and biases, row-parallel weights); the rest are replicated on every rank."""
     sharded, replicated = (torch.zeros((), dtype=torch.float64, device=model.wpe.weight.device) for _ in "ab")
     for name, p in masters.items():
-        (sharded if is_sharded(name) else replicated).add_(p.grad.double().pow(2).sum())
+        (sharded if name in model.shard_dims else replicated).add_(p.grad.double().pow(2).sum())
     if model.tp_size > 1:  # each rank holds a different piece of the sharded ones; replicated count once
         dist.all_reduce(sharded, group=model.group)
     return (sharded + replicated).sqrt()
