@@ -70,10 +70,20 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
     def check_tensor_parallel(self, t):
-        """Sizes that must divide by the tensor-parallel size t (the sequence is checked per call)."""
+        """Sizes that must divide by the tensor-parallel size t."""
         if self.n_head % t:
             raise ValueError(f"n_head={self.n_head} is not divisible by the tensor-parallel size t={t}; "
                              f"t would fit among {_divisors(self.n_head)}")
+
+    def check_sequence(self, T, t):
+        """A sequence length T this model can take at tensor-parallel size t."""
+        if not 1 <= T <= self.block_size:
+            raise ValueError(f"sequence length T={T} must be in [1, block_size={self.block_size}]")
+        if self.sequence_parallel and T % t:
+            lower, upper = T // t * t, (T // t + 1) * t
+            fits = " or ".join(str(n) for n in (lower, upper) if 0 < n <= self.block_size)
+            raise ValueError(f"sequence length T={T} is not divisible by the tensor-parallel size t={t}, "
+                             f"which sequence_parallel needs; T={fits or f'a multiple of {t}'} would fit")
 
 
 def _divisors(n):
@@ -607,14 +617,7 @@ class GPT(nn.Module):
             raise ValueError("torch.autocast is not supported: recomputation would rerun in another dtype and "
                              "the sequence-gathering linear would mix dtypes. Cast the model instead, "
                              "model.to(torch.bfloat16), with float32 master weights as in train.py")
-        T, t = idx.shape[1], self.tp_size
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length T={T} exceeds block_size={self.cfg.block_size}")
-        if self.cfg.sequence_parallel and T % t:
-            lower, upper = T // t * t, (T // t + 1) * t
-            fits = f"{lower} or {upper}" if lower else f"{upper}"
-            raise ValueError(f"sequence length T={T} is not divisible by the tensor-parallel size t={t}, "
-                             f"which sequence_parallel needs; T={fits} would fit")
+        self.cfg.check_sequence(idx.shape[1], self.tp_size)
 
     def forward(self, idx, targets=None):
         self.check_input(idx)
