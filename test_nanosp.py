@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ledgers
 import nanosp
 from nanosp import GPT, GPTConfig
 
@@ -253,11 +254,11 @@ def task_conjugate_pairs(ctx):
     gs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64) for i in range(t)]
     shard = slice(2 * r, 2 * r + 2)
     cases = {  # name: (operator, input, upstream grad, expected output, expected input grad)
-        "f": (nanosp.copy_to_tp, xs[r], gs[r], xs[r], sum(gs)),
-        "g": (nanosp.reduce_from_tp, xs[r], gs[r], sum(xs), gs[r]),
-        "g-hat": (nanosp.gather_from_sp, xs[r][shard], gs[r], torch.cat([x[2 * i:2 * i + 2] for i, x in enumerate(xs)]),
+        "f": (nanosp.f, xs[r], gs[r], xs[r], sum(gs)),
+        "f_bar": (nanosp.f_bar, xs[r], gs[r], sum(xs), gs[r]),
+        "g": (nanosp.g, xs[r][shard], gs[r], torch.cat([x[2 * i:2 * i + 2] for i, x in enumerate(xs)]),
                   sum(gs)[shard]),
-        "g-bar": (nanosp.reduce_scatter_to_sp, xs[r], gs[r][shard], sum(xs)[shard],
+        "g_bar": (nanosp.g_bar, xs[r], gs[r][shard], sum(xs)[shard],
                   torch.cat([g[2 * i:2 * i + 2] for i, g in enumerate(gs)])),
     }
     errors = {}
@@ -496,7 +497,7 @@ def test_mask_is_a_slice_of_the_global_mask_and_keeps_1_minus_p():
 
 def task_activation_table(ctx, t):
     cfg = GPTConfig(vocab_size=64, block_size=256, n_layer=1, n_head=8, n_embd=256, dropout=0.1)
-    return nanosp.activation_table(cfg, ctx.group(t), batch=2)
+    return ledgers.activation_table(cfg, ctx.group(t), batch=2)
 
 
 @pytest.mark.parametrize("t", [2, 4])
@@ -513,10 +514,10 @@ def test_training_flops_are_counted_exactly():
     counted = {}
     for mode in nanosp.RECOMPUTE_MODES:
         cfg = GPTConfig(vocab_size=V, block_size=s, n_layer=L, n_head=4, n_embd=h, recompute=mode)
-        counted[mode] = nanosp.count_training_flops(cfg, B)
-        assert counted[mode] == nanosp.exact_training_flops(B, L, s, h, V, mode)
-    assert counted["none"] == nanosp.paper_training_flops(B, L, s, h, V, "none")
-    assert counted["full"] == round(nanosp.paper_training_flops(B, L, s, h, V, "full"))
+        counted[mode] = ledgers.count_training_flops(cfg, B)
+        assert counted[mode] == ledgers.exact_training_flops(B, L, s, h, V, mode)
+    assert counted["none"] == ledgers.paper_training_flops(B, L, s, h, V, "none")
+    assert counted["full"] == round(ledgers.paper_training_flops(B, L, s, h, V, "full"))
     # selective recompute reruns the forward of QK^T and .V: 4Bs^2h per layer
     assert counted["selective"] - counted["none"] == 4 * B * s**2 * h * L
 
@@ -526,22 +527,22 @@ def task_communication(ctx):
     logs = {}
     for sp in (False, True):
         variant = GPTConfig(**{**cfg.__dict__, "sequence_parallel": sp})
-        logs[sp] = nanosp.measure_communication(variant, ctx.group(4), batch=2)
+        logs[sp] = ledgers.measure_communication(variant, ctx.group(4), batch=2)
     return logs
 
 
 def test_sequence_parallelism_sends_the_same_activation_bytes(world):
     logs = world.run(task_communication)[0]
     t, sbh = 4, 16 * 2 * 32 * 2  # bytes of one (s, b, h) bf16 activation
-    ring = lambda rows: sum(nanosp.ring_bytes_sent(op, n, t) for _, _, op, n in rows)
+    ring = lambda rows: sum(ledgers.ring_bytes_sent(op, n, t) for _, _, op, n in rows)
     tp, sp = logs[False], logs[True]
-    assert [(phase, op, n) for phase, _, op, n in tp] == [("forward", "allreduce", sbh)] * 2 + [
-        ("backward", "allreduce", sbh)] * 2
-    regather = [r for r in sp if r[1] == "LinearWithSequenceGather.backward" and r[2] == "allgather_base"]
+    assert [(phase, op, n) for phase, _, op, n in tp] == [("forward", "all-reduce", sbh)] * 2 + [
+        ("backward", "all-reduce", sbh)] * 2
+    regather = [r for r in sp if r[1] == "LinearWithSequenceGather.backward" and r[2] == "all-gather"]
     params = [r for r in sp if r[1] == "CopyToTensorParallelRegion.backward"]
     activations = [r for r in sp if r not in regather and r not in params]
     assert ring(activations) == ring(tp)  # all-reduce = reduce-scatter + all-gather
-    assert sorted(op for _, _, op, _ in activations) == ["allgather_base"] * 4 + ["reduce_scatter_base"] * 4
+    assert sorted(op for _, _, op, _ in activations) == ["all-gather"] * 4 + ["reduce-scatter"] * 4
     # the price of saving only the input shard: one all-gather again per column-parallel linear
     assert [n for *_, n in regather] == [sbh, sbh]
     # LayerNorm weights and biases (2 x 2) and the two row-parallel biases: 6 x h elements
