@@ -335,8 +335,9 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
     """Mean cross-entropy of logits split by vocabulary, without gathering them (Megatron-LM):
     loss = log(sum_v exp(z_v - m)) - (z_target - m), each sum reduced across the group.
 
-    logits (T, B, V'/t); targets (T, B), -1 is ignored. f̄'s backward is the identity, which is
-    right here: every rank computes the same loss, and each logit belongs to one rank only.
+    logits (T, B, V'/t); targets (T, B), negative targets (-1, -100) are ignored, and a batch
+    with every target ignored has loss 0. f̄'s backward is the identity, which is right here:
+    every rank computes the same loss, and each logit belongs to one rank only.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
     n = logits.shape[-1]
@@ -352,8 +353,8 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
     mine = (local_target >= 0) & (local_target < n)
     picked = shifted.gather(-1, local_target.clamp(0, n - 1)[..., None])[..., 0]
     target_logit = f_bar(picked.masked_fill(~mine, 0.0), group)  # (T, B)
-    valid = targets != -1
-    return (sum_exp.log() - target_logit)[valid].mean()
+    valid = targets >= 0
+    return (sum_exp.log() - target_logit)[valid].sum() / valid.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,14 +564,27 @@ class GPT(nn.Module):
                            if getattr(module, p, None) is not None}
         self.load_full_state_dict(init_full_state_dict(cfg, self.full_shapes()))
 
-    def check_input(self, idx):
+    def check_input(self, idx, targets):
+        """Refuse what would otherwise run silently wrong. One host sync per forward (the id checks)."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be (B, T) int64, got {tuple(idx.shape)} {idx.dtype}")
+        if targets is not None and (targets.shape != idx.shape or targets.dtype != torch.long):
+            raise ValueError(f"targets must be int64 of idx's shape {tuple(idx.shape)}, got "
+                             f"{tuple(targets.shape)} {targets.dtype}")
         if torch.is_autocast_enabled(idx.device.type):
             raise ValueError("torch.autocast is not supported: recomputation would rerun in another dtype and "
                              "the sequence-gathering linear would mix dtypes. Cast the model instead, "
                              "model.to(torch.bfloat16), with float32 master weights as in train.py")
         self.cfg.check_sequence(idx.shape[1], self.tp_size)
+        V = self.cfg.vocab_size
+        bad_idx = (idx < 0) | (idx >= V)
+        bad_targets = torch.zeros_like(bad_idx) if targets is None else (
+            (targets >= V) | ((targets < 0) & (targets != -1) & (targets != -100)))
+        if any(torch.stack([bad_idx.any(), bad_targets.any()]).tolist()):
+            if bad_idx.any():
+                raise ValueError(f"token id {idx[bad_idx][0].item()} in idx is outside [0, vocab_size={V})")
+            raise ValueError(f"target {targets[bad_targets][0].item()} is outside [0, vocab_size={V}) and is "
+                             f"not an ignored position (-1, or PyTorch's -100)")
 
     def next_dropout_seed(self):
         """The seed of this forward's dropout masks: (cfg.seed, training forwards so far)."""
@@ -580,7 +594,7 @@ class GPT(nn.Module):
         return (self.cfg.seed & M32) << 32 | ((self.forward_count - 1) & M32) if self.cfg.dropout > 0 else None
 
     def forward(self, idx, targets=None):
-        self.check_input(idx)
+        self.check_input(idx, targets)
         cfg, group, sp = self.cfg, self.group, self.cfg.sequence_parallel
         fwd = Forward(ops_for(idx, cfg), self.next_dropout_seed())
         T, t, rank = idx.shape[1], self.tp_size, self.tp_rank
@@ -655,10 +669,13 @@ class GPT(nn.Module):
         if missing or unexpected:
             raise ValueError(f"state dict does not fit this model: missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)}")
+        for name, shape in shapes.items():  # every entry is checked before anything changes
+            value = state_dict[name]
+            if not (torch.is_tensor(value) and value.is_floating_point() and tuple(value.shape) == shape):
+                what = f"{tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"state dict entry {name} is {what}, this model needs a floating tensor "
+                                 f"of shape {shape}")
         for name, p in self.named_parameters():
-            if tuple(state_dict[name].shape) != shapes[name]:
-                raise ValueError(f"state dict entry {name} has shape {tuple(state_dict[name].shape)}, "
-                                 f"this model needs {shapes[name]}")
             p.copy_(self.local_tensor(name, state_dict[name].to(p.device, p.dtype)))
 
 

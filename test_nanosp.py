@@ -8,6 +8,7 @@ Tolerances: float64 comparisons are relative to the largest reference element an
 1e-10 (what remains is reduction order, ~1e-15). Byte and FLOP counts are exact integers and are
 compared exactly, except activation bytes against the paper's formula (3%, LayerNorm statistics).
 """
+import math
 import os
 import socket
 import traceback
@@ -439,8 +440,10 @@ def test_state_dict_errors():
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
     sd = model.full_state_dict()
     wrong_shape = {**sd, "wpe.weight": torch.zeros(9, 8)}
-    with pytest.raises(ValueError, match=r"wpe.weight has shape \(9, 8\), this model needs \(8, 8\)"):
+    with pytest.raises(ValueError, match=r"wpe.weight is \(9, 8\) torch.float32, this model needs .* \(8, 8\)"):
         model.load_full_state_dict(wrong_shape)
+    with pytest.raises(ValueError, match=r"h.0.ln_1.bias is list"):
+        model.load_full_state_dict({**sd, "h.0.ln_1.bias": [0.0] * 8})
     missing = {k: v for k, v in sd.items() if k != "ln_f.bias"}
     with pytest.raises(ValueError, match=r"missing \['ln_f.bias'\]"):
         model.load_full_state_dict(missing)
@@ -448,6 +451,54 @@ def test_state_dict_errors():
         model.load_full_state_dict({**sd, "lm_head.weight": sd["wte.weight"]})
     with pytest.raises(ValueError, match="int64"):
         model(torch.zeros(1, 4))
+
+
+def task_bad_ids(ctx, t):
+    """Token ids and targets outside the vocabulary are refused, unsharded and sharded alike (the
+    embedding would look up zeros and the loss would pick a wrong logit); ignored positions, -1
+    and PyTorch's -100, are the same; a batch whose targets are all ignored has loss 0, not NaN."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, sequence_parallel=t > 1)
+    model = GPT(cfg, ctx.group(t) if t > 1 else None).double()
+    idx, targets = make_batch(cfg, 2, 4, 0, ignore=False)
+    messages = {}
+    for name, (i, y) in {"id 11": (idx.index_fill(1, torch.tensor([2]), 11), None),
+                         "id -1": (idx.index_fill(0, torch.tensor([1]), -1), targets),
+                         "target 11": (idx, targets.index_fill(1, torch.tensor([3]), 11)),
+                         "target -2": (idx, targets.index_fill(1, torch.tensor([0]), -2))}.items():
+        with pytest.raises(ValueError) as info:
+            model(i, y)
+        messages[name] = str(info.value)
+    losses = [model(idx, targets.index_fill(1, torch.tensor([1]), ignore))[1].item() for ignore in (-1, -100)]
+    _, loss = model(idx, torch.full_like(targets, -1))
+    loss.backward()
+    grads_finite = all(p.grad.isfinite().all().item() and not p.grad.any().item() for p in model.parameters())
+    return dict(messages=messages, losses=losses, all_ignored=loss.item(), grads_zero=grads_finite)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_out_of_range_ids_and_targets_are_refused(world, t):
+    for r in world.run(task_bad_ids, t=t)[:t]:
+        m = r["messages"]
+        assert "token id 11" in m["id 11"] and "vocab_size=11" in m["id 11"], m
+        assert "token id -1" in m["id -1"], m
+        assert "target 11" in m["target 11"] and "-100" in m["target 11"], m
+        assert "target -2" in m["target -2"], m
+        assert r["losses"][0] == r["losses"][1] and math.isfinite(r["losses"][0])
+        assert r["all_ignored"] == 0.0 and r["grads_zero"]
+
+
+def test_a_bad_state_dict_changes_nothing():
+    """load_full_state_dict checks every entry before it copies any: a bad last entry leaves the
+    model as it was."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8))
+    before = model.full_state_dict()
+    other = {name: torch.randn(v.shape) for name, v in before.items()}
+    last = list(other)[-1]
+    for bad in (torch.zeros(3), torch.zeros(other[last].shape, dtype=torch.long), "weights"):
+        with pytest.raises(ValueError, match=last):
+            model.load_full_state_dict({**other, last: bad})
+        after = model.full_state_dict()
+        assert all(torch.equal(after[n], before[n]) for n in before)
 
 
 def test_autocast_is_refused():
