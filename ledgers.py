@@ -213,7 +213,7 @@ def measure_communication(cfg, group, batch=1, seq=None, dtype=torch.bfloat16, d
     rows_here = seq // t if cfg.sequence_parallel else seq
     x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
     with collective_log() as log:
-        y = block(x, nanosp.Forward())
+        y = block(x, nanosp.Forward(shared=nanosp.replicated_through_f(block, group, cfg.sequence_parallel)))
         y.backward(torch.ones_like(y))
     return log
 

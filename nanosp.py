@@ -144,16 +144,18 @@ def reduce_scatter_sequence(x, group):
 
 class CopyToTensorParallelRegion(torch.autograd.Function):
     """f: forward identity, backward all-reduce. Every rank's column-parallel linear reads the
-    same input, so each holds a partial gradient of it."""
+    same input, so each holds a partial gradient of it. Given several tensors, f sums all their
+    gradients with one all-reduce of one flat buffer."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, group, *xs):
         ctx.group = group
-        return x.view_as(x)
+        return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.clone(), ctx.group), None
+    def backward(ctx, *grads):
+        flat = all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), ctx.group)
+        return None, *(part.view_as(grad) for part, grad in zip(flat.split([g.numel() for g in grads]), grads))
 
 
 class ReduceFromTensorParallelRegion(torch.autograd.Function):
@@ -198,7 +200,7 @@ class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
 
 
 def f(x, group):
-    return x if group_size(group) == 1 else CopyToTensorParallelRegion.apply(x, group)
+    return x if group_size(group) == 1 else CopyToTensorParallelRegion.apply(group, x)[0]
 
 
 def f_bar(x, group):
@@ -277,21 +279,26 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.shard_dims = {"weight": (1, 1)}
 
-    def forward(self, x):  # (T, B, n/t) -> (T/t, B, C) under SP, else (T, B, C)
+    def forward(self, x, fwd):  # (T, B, n/t) -> (T/t, B, C) under SP, else (T, B, C)
         y = F.linear(x, self.weight)  # (T, B, C), partial sum over this rank's n/t inputs
         if self.sequence_parallel:
             y = g_bar(y, self.group)  # (T/t, B, C)
         else:
             y = f_bar(y, self.group)  # (T, B, C)
-        return y, sp_parameter(self.bias, self.group, self.sequence_parallel)
+        return y, fwd.param(self.bias)
 
 
-def sp_parameter(p, group, sequence_parallel):
-    """A replicated parameter used on a sequence shard gets only that shard's gradient: f sums
-    it over the group in backward. (LayerNorms, row-parallel biases, the position embedding.)"""
-    if p is None or not sequence_parallel:
-        return p
-    return f(p, group)
+def replicated_through_f(module, group, sequence_parallel):
+    """Under SP the replicated parameters (LayerNorms, row-parallel biases, wpe) see only this
+    rank's sequence shard, so each rank holds a partial gradient of them. The layers read them
+    through one f, whose backward runs once every layer is done with them and sums all their
+    gradients in one all-reduce; it does so on every backward, so gradient accumulation and
+    recomputation need nothing more. Returns {parameter: what the layers read instead}."""
+    if not sequence_parallel or group_size(group) == 1:
+        return {}
+    params = [p for m in module.modules() for name, p in m.named_parameters(recurse=False)
+              if name not in getattr(m, "shard_dims", {})]
+    return dict(zip(params, CopyToTensorParallelRegion.apply(group, *params)))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -433,10 +440,15 @@ def ops_for(x, cfg):
 
 
 class Forward(NamedTuple):
-    """What one forward pass of the model shares with its layers: the ops to call and the seed of
-    its dropout masks (None: no dropout)."""
+    """What one forward pass of the model shares with its layers: the ops to call, the seed of its
+    dropout masks (None: no dropout) and, under SP, what the replicated parameters are read
+    through (`GPT.forward` says why)."""
     ops: SimpleNamespace = REFERENCE_OPS
     seed: Optional[int] = None
+    shared: dict = {}  # parameter -> the tensor the layers use instead
+
+    def param(self, p):
+        return self.shared.get(p, p)
 
     def dropout_key(self, layer, site):
         return None if self.seed is None else dropout_key(self.seed, layer, site)
@@ -447,16 +459,13 @@ class Forward(NamedTuple):
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, dim, bias, group, sequence_parallel):
+    def __init__(self, dim, bias):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
-    def forward(self, x):  # saves its input x: 2sbh (2sbh/t under SP)
-        weight = sp_parameter(self.weight, self.group, self.sequence_parallel)
-        bias = sp_parameter(self.bias, self.group, self.sequence_parallel)
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
+    def forward(self, x, fwd):  # saves its input x: 2sbh (2sbh/t under SP)
+        return F.layer_norm(x, (x.shape[-1],), fwd.param(self.weight), fwd.param(self.bias), 1e-5)
 
 
 def core_attention(q, k, v, ops, p, key, offset):
@@ -494,7 +503,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = attend(q, k, v)
         y = rearrange(y, "(a B) T d -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
-        return self.c_proj(y)  # (T/t or T, B, C), bias
+        return self.c_proj(y, fwd)  # (T/t or T, B, C), bias
 
 
 class MLP(nn.Module):
@@ -506,32 +515,36 @@ class MLP(nn.Module):
     def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
         h = self.c_fc(x, add_bias=False)  # (T, B, 4C/t)
         h = fwd.ops.bias_gelu(h, self.c_fc.bias)  # saves the GeLU input: 8sbh/t
-        return self.c_proj(h)  # saves the GeLU output: 8sbh/t; returns (T/t or T, B, C), bias
+        return self.c_proj(h, fwd)  # saves the GeLU output: 8sbh/t; returns (T/t or T, B, C), bias
 
 
 class Block(nn.Module):
     def __init__(self, cfg, group, layer):
         super().__init__()
         self.cfg, self.group, self.layer = cfg, group, layer
-        sp = cfg.sequence_parallel
-        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias, group, sp)
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg, group, layer)
-        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias, group, sp)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg, group)
 
     def forward(self, x, fwd):
-        if self.cfg.recompute == "full":
-            return Recompute.apply(partial(self._forward, fwd=fwd), x)  # keeps x only
+        if self.cfg.recompute == "full":  # keeps x only (and, under SP, the parameters read through f)
+            shared = [p for p in self.parameters() if p in fwd.shared]
+
+            def layer(x, *params):  # the replay reads the parameters it was given, as inputs
+                return self._forward(x, fwd._replace(shared=dict(zip(shared, params))))
+
+            return Recompute.apply(layer, x, *(fwd.shared[p] for p in shared))
         return self._forward(x, fwd)
 
     def _forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C)
         p, ops = self.cfg.dropout, fwd.ops
         # a dropout region is this rank's slice of the global (T, B, C) tensor: rows from rank T/t
         offset = group_rank(self.group) * x.numel() if self.cfg.sequence_parallel else 0
-        y, bias = self.attn(self.ln_1(x), fwd)
+        y, bias = self.attn(self.ln_1(x, fwd), fwd)
         key = fwd.dropout_key(self.layer, SITE_ATTN_OUT)
         x = ops.bias_dropout_add(y, bias, x, p, key, offset)  # saves the mask: sbh (sbh/t SP)
-        y, bias = self.mlp(self.ln_2(x), fwd)
+        y, bias = self.mlp(self.ln_2(x, fwd), fwd)
         key = fwd.dropout_key(self.layer, SITE_MLP_OUT)
         return ops.bias_dropout_add(y, bias, x, p, key, offset)  # saves the mask: sbh (sbh/t SP)
 
@@ -557,7 +570,7 @@ class GPT(nn.Module):
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, group)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, group, layer) for layer in range(cfg.n_layer))
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, group, cfg.sequence_parallel)
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
         self.forward_count = 0  # training forwards so far: part of every dropout mask's seed
         self.shard_dims = {f"{name}.{p}": spec for name, module in self.named_modules()
                            for p, spec in getattr(module, "shard_dims", {}).items()
@@ -596,8 +609,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         self.check_input(idx, targets)
         cfg, group, sp = self.cfg, self.group, self.cfg.sequence_parallel
-        fwd = Forward(ops_for(idx, cfg), self.next_dropout_seed())
         T, t, rank = idx.shape[1], self.tp_size, self.tp_rank
+        fwd = Forward(ops_for(idx, cfg), self.next_dropout_seed(), replicated_through_f(self, group, sp))
 
         x = self.wte(idx.T)  # (T, B, C), each rank's partial: only its vocabulary rows
         if sp:
@@ -606,11 +619,11 @@ class GPT(nn.Module):
         else:
             x = f_bar(x, group)  # (T, B, C)
             positions = torch.arange(T, device=idx.device)
-        x = x + F.embedding(positions, sp_parameter(self.wpe.weight, group, sp))[:, None, :]
+        x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]
         x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), rank * x.numel() if sp else 0)
         for block in self.h:
             x = block(x, fwd)
-        x = self.ln_f(x)
+        x = self.ln_f(x, fwd)
         logits = column_parallel_linear(x, self.wte.weight, None, group, sp)  # (T, B, V'/t), tied head
 
         if targets is not None:

@@ -280,43 +280,53 @@ def test_conjugate_pairs(world):
 # the known traps
 
 
-def task_sp_parameter_grads(ctx, summed):
+def task_sp_parameter_grads(ctx, summed, recompute="none"):
     """Under SP, LayerNorm weights (ln_f too), row-parallel biases and the position embedding see
     one sequence shard per rank. With `summed=False` the f that sums their gradients is removed,
     to show this test catches the trap."""
-    real = nanosp.sp_parameter
+    real = nanosp.replicated_through_f
     if not summed:
-        nanosp.sp_parameter = lambda p, group, sequence_parallel: p
+        nanosp.replicated_through_f = lambda module, group, sequence_parallel: {}
     try:
-        return _sp_parameter_grad_errors(ctx)
+        return _sp_parameter_grad_errors(ctx, recompute)
     finally:
-        nanosp.sp_parameter = real
+        nanosp.replicated_through_f = real
 
 
-def _sp_parameter_grad_errors(ctx):
-    cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=4, n_embd=16, sequence_parallel=True)
+def _sp_parameter_grad_errors(ctx, recompute):
+    """Two micro-batches accumulate their gradients, as train.py's --grad-accum does; each backward
+    sums the replicated parameters' gradients in one all-reduce, counted by the collective log."""
+    cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16, sequence_parallel=True,
+                    dropout=0.1, recompute=recompute)
     model, reference = GPT(cfg, ctx.group(4)).double(), unsharded_twin(cfg)
     sd = random_full_state_dict(reference, 1)
     model.load_full_state_dict(sd)
     reference.load_full_state_dict(sd)
-    idx, targets = make_batch(cfg, 2, 8, 1)
-    model(idx, targets)[1].backward()
-    reference(idx, targets)[1].backward()
+    with ledgers.collective_log() as log:
+        for micro in range(2):
+            idx, targets = make_batch(cfg, 2, 8, micro)
+            model(idx, targets)[1].backward()
+            reference(idx, targets)[1].backward()
     ref = dict(reference.named_parameters())
-    names = ["ln_f.weight", "ln_f.bias", "h.0.ln_1.weight", "h.0.attn.c_proj.bias", "h.0.mlp.c_proj.bias",
-             "wpe.weight"]
-    return {n: rel_err(dict(model.named_parameters())[n].grad, ref[n].grad) for n in names}
+    names = ["ln_f.weight", "ln_f.bias", "h.0.ln_1.weight", "h.1.ln_2.bias", "h.0.attn.c_proj.bias",
+             "h.1.mlp.c_proj.bias", "wpe.weight"]
+    errors = {n: rel_err(dict(model.named_parameters())[n].grad, ref[n].grad) for n in names}
+    sums = [n for _, operator, op, n in log if operator == "CopyToTensorParallelRegion.backward"]
+    return errors, sums
 
 
-def test_sequence_parallel_parameter_grads_are_summed(world):
-    for errors in world.run(task_sp_parameter_grads, summed=True):
+@pytest.mark.parametrize("recompute", nanosp.RECOMPUTE_MODES)
+def test_sequence_parallel_parameter_grads_are_summed_once_per_backward(world, recompute):
+    replicated = 2 * 6 * 16 + 2 * 16 + 8 * 16  # per layer 2 LayerNorms + 2 biases; ln_f; wpe
+    for errors, sums in world.run(task_sp_parameter_grads, summed=True, recompute=recompute):
         assert max(errors.values()) < TOL, errors
+        assert sums == [replicated * 8] * 2  # one all-reduce of all of them (float64) per backward
 
 
 def test_unsummed_sequence_parallel_grads_are_caught(world):
     """The same check without the sum fails: the test has teeth."""
-    for errors in world.run(task_sp_parameter_grads, summed=False):
-        assert min(errors.values()) > 1e-3, errors
+    for errors, sums in world.run(task_sp_parameter_grads, summed=False):
+        assert min(errors.values()) > 1e-3 and not sums, errors
 
 
 def task_padded_vocabulary(ctx):
@@ -597,4 +607,4 @@ def test_sequence_parallelism_sends_the_same_activation_bytes(world):
     # the price of saving only the input shard: one all-gather again per column-parallel linear
     assert [n for *_, n in regather] == [sbh, sbh]
     # LayerNorm weights and biases (2 x 2) and the two row-parallel biases: 6 x h elements
-    assert sum(n for *_, n in params) == 6 * 32 * 2
+    assert [n for *_, n in params] == [6 * 32 * 2]  # in one all-reduce
