@@ -207,6 +207,12 @@ def recompute_costs(cfg, t, B, T, dtype):
             for m in nanosp.RECOMPUTE_MODES}
 
 
+def make_plan(costs, n_layer, n_full, n_selective):
+    """n_full layers recomputed fully, then n_selective selectively, the rest not at all."""
+    modes = ("full",) * n_full + ("selective",) * n_selective + ("none",) * (n_layer - n_full - n_selective)
+    return RecomputePlan(modes, sum(costs[m][0] for m in modes), sum(costs[m][1] for m in modes))
+
+
 def plan_recompute(cfg, t, B, T, dtype, budget):
     """The per-layer plan whose activations fit `budget` (bytes per rank, the layers' saved
     activations) with the fewest recomputed FLOPs, then the fewest bytes. cfg gives the shape and
@@ -215,8 +221,7 @@ def plan_recompute(cfg, t, B, T, dtype, budget):
     best = None
     for n_full in range(cfg.n_layer + 1):
         for n_selective in range(cfg.n_layer - n_full + 1):
-            modes = ("full",) * n_full + ("selective",) * n_selective + ("none",) * (cfg.n_layer - n_full - n_selective)
-            plan = RecomputePlan(modes, sum(costs[m][0] for m in modes), sum(costs[m][1] for m in modes))
+            plan = make_plan(costs, cfg.n_layer, n_full, n_selective)
             if plan.activation_bytes <= budget and (
                     best is None or (plan.recompute_flops, plan.activation_bytes) < (best.recompute_flops, best.activation_bytes)):
                 best = plan
