@@ -209,28 +209,28 @@ def recompute_costs(cfg, t, B, T, dtype):
 
 def make_plan(costs, n_layer, n_full, n_selective):
     """n_full layers recomputed fully, then n_selective selectively, the rest not at all."""
-    modes = ("full",) * n_full + ("selective",) * n_selective + ("none",) * (n_layer - n_full - n_selective)
-    return RecomputePlan(modes, sum(costs[m][0] for m in modes), sum(costs[m][1] for m in modes))
+    counts = {"full": n_full, "selective": n_selective, "none": n_layer - n_full - n_selective}
+    return RecomputePlan(sum(((m,) * n for m, n in counts.items()), ()),
+                         sum(costs[m][0] * n for m, n in counts.items()), sum(costs[m][1] * n for m, n in counts.items()))
 
 
 def plan_recompute(cfg, t, B, T, dtype, budget):
     """The per-layer plan whose activations fit `budget` (bytes per rank, the layers' saved
     activations) with the fewest recomputed FLOPs, then the fewest bytes. cfg gives the shape and
     sequence parallelism; B, T the micro-batch; dtype the activations' (masks take 1 byte)."""
-    costs = recompute_costs(cfg, t, B, T, dtype)
-    best = None
-    for n_full in range(cfg.n_layer + 1):
-        for n_selective in range(cfg.n_layer - n_full + 1):
-            plan = make_plan(costs, cfg.n_layer, n_full, n_selective)
-            if plan.activation_bytes <= budget and (
-                    best is None or (plan.recompute_flops, plan.activation_bytes) < (best.recompute_flops, best.activation_bytes)):
-                best = plan
+    (none_bytes, _), (selective_bytes, selective_flops), (full_bytes, full_flops) = (
+        recompute_costs(cfg, t, B, T, dtype)[m] for m in nanosp.RECOMPUTE_MODES)
+    L, best = cfg.n_layer, None
+    for n_full in range(L + 1):
+        for n_selective in range(L - n_full + 1):
+            nbytes = n_full * full_bytes + n_selective * selective_bytes + (L - n_full - n_selective) * none_bytes
+            cost = (n_full * full_flops + n_selective * selective_flops, nbytes)
+            if nbytes <= budget and (best is None or cost < best[0]):
+                best = cost, n_full, n_selective
     if best is None:
-        smallest = cfg.n_layer * costs["full"][0]
         raise ValueError(f"no recompute plan fits an activation budget of {budget:,} bytes per rank at B={B}, "
-                         f"T={T}, t={t}: the smallest, full recompute of all {cfg.n_layer} layers, needs "
-                         f"{smallest:,}")
-    return best
+                         f"T={T}, t={t}: the smallest, full recompute of all {L} layers, needs {L * full_bytes:,}")
+    return make_plan(recompute_costs(cfg, t, B, T, dtype), L, *best[1:])
 
 
 # ----------------------------------------------------------------------------------------------
