@@ -248,9 +248,10 @@ class Dataflow:
 
     def __init__(self, gm, shape):
         self.gm, self.idx, self.dims, self.size_of, self.shape_of = gm, Indices(), {}, {}, {}
-        self.ops, self.params, self.values, self.module = [], {}, {}, {}
+        self.ops, self.params, self.values, self.module, self.no_data = [], {}, {}, {}, []
         interpreter = fx.Interpreter(gm)
-        x = torch.empty(shape, device=next(gm.parameters()).device, requires_grad=True)
+        device = next(gm.parameters(), torch.empty(0, device="meta")).device  # meta: shapes only
+        x = torch.empty(shape, device=device, requires_grad=True)
         env = iter([x])
         for node in gm.graph.nodes:  # run node by node, reading each as it is computed
             if node.op == "placeholder":
@@ -298,6 +299,7 @@ class Dataflow:
             self.params[node.name] = node.target.removeprefix("block.")
             self.module[node.name] = node.target.removeprefix("block.").rsplit(".", 1)[0]
         elif not torch.is_tensor(value):  # sizes, devices, dtypes: no data to shard
+            self.no_data.append(node.name)
             if node.target is getattr and node.args[1] in ("shape", "device", "dtype"):
                 self.shape_of[node.name] = node.args[0].name
             elif node.target is operator.getitem and node.args[0].name in self.shape_of:
@@ -306,10 +308,11 @@ class Dataflow:
                                                               for a in node.all_input_nodes):
                 raise ValueError(f"no sharding rule for {_op_name(node.target)} (node {node.name})")
         else:
-            rule = next((r for targets, r, *_ in RULES if node.target in targets), None)
+            rule = next((r for targets, r, *_ in RULES if node.target in targets and node.op != "call_module"), None)
             if rule is None:
                 known = ", ".join(_op_name(t) for targets, *_ in RULES for t in targets)
-                raise ValueError(f"no sharding rule for {_op_name(node.target)} (node {node.name}); "
+                name = type(self.gm.get_submodule(node.target)).__name__ if node.op == "call_module" else _op_name(node.target)
+                raise ValueError(f"no sharding rule for {name} (node {node.name}); "
                                  f"autoshard has rules for {known}")
             inputs, out, whole, saves = rule(self, node)
             self.dims[node.name] = out
@@ -613,14 +616,14 @@ NANOSP_HELPERS = {"f": "copy_to_tp", "f̄": "reduce_from_tp", "ḡ": "reduce_sca
 
 
 def nanosp_line(module_cls, helper):
-    """(line, text) of the first call of `helper` in module_cls.forward or in a nanosp function it
-    calls: where nanosp.py places that collective by hand. None if it has no such call."""
+    """(function, line, text) of the first call of `helper` in module_cls.forward or in a nanosp
+    function it calls: where nanosp.py places that collective by hand. None if it has no such call."""
     called = re.findall(r"(\w+)\(", inspect.getsource(module_cls.forward))
     for fn in [module_cls.forward] + [getattr(nanosp, n) for n in called if inspect.isfunction(getattr(nanosp, n, None))]:
         lines, start = inspect.getsourcelines(fn)
         for i, line in enumerate(lines):
             if re.search(rf"\b{helper}(\.apply)?\(", line):
-                return start + i, line.strip()
+                return fn.__qualname__, start + i, line.strip()
     return None
 
 
@@ -722,7 +725,7 @@ def print_placement(search, constraint, title, sequence_parallel):
         line = where_in_nanosp(df, c)
         rows.append((c.name, f"{df.params.get(c.value, c.value)} ({shape_text(df.dims[c.value])})", c.module or "Block",
                      f"{c.src} -> {c.dst}", " + ".join(c.forward) or "-", " + ".join(c.backward) or "-",
-                     f"{c.nbytes:,}", f"{line[0]}: `{line[1]}`" if line else "-"))
+                     f"{c.nbytes:,}", f"{line[1]} {line[0]}: `{line[2]}`" if line else "-"))
     table(["", "tensor", "in", "placement", "forward", "backward", "message bytes", "nanosp.py"], rows)
     seq, batch, _, _ = search.shape
     log, ring = nanosp_ledger(cfg, seq, batch, search.t, sequence_parallel)
