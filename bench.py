@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import ledgers
 import nanosp
 
 SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12288)
@@ -76,7 +77,7 @@ def bench_memory(size, groups):
     cfg, s, b = config(size), size["s"], size["b"]
     rows = []
     for t, group in groups.items():
-        measured = nanosp.activation_table(cfg, group, batch=b, seq=s, dtype=torch.bfloat16)
+        measured = ledgers.activation_table(cfg, group, batch=b, seq=s, dtype=torch.bfloat16)
         by_name = {r["configuration"]: r["measured"] for r in measured}
         for r in measured:
             rows.append(dict(r, t=t, vs_tp=by_name["tensor parallel"] / r["measured"],
@@ -98,8 +99,8 @@ def bench_memory(size, groups):
 
 def paper_reduction(size, t):
     s, b, h, a = size["s"], size["b"], size["h"], size["a"]
-    return (nanosp.paper_activation_bytes(s, b, h, a, t, False, "none")
-            / nanosp.paper_activation_bytes(s, b, h, a, t, True, "selective"))
+    return (ledgers.paper_activation_bytes(s, b, h, a, t, False, "none")
+            / ledgers.paper_activation_bytes(s, b, h, a, t, True, "selective"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +108,8 @@ def paper_reduction(size, t):
 
 
 def flop_rows(name, B, L, s, h, V, counted=None):
-    exact = {m: nanosp.exact_training_flops(B, L, s, h, V, m) for m in nanosp.RECOMPUTE_MODES}
-    paper = {m: nanosp.paper_training_flops(B, L, s, h, V, m) for m in nanosp.RECOMPUTE_MODES}
+    exact = {m: ledgers.exact_training_flops(B, L, s, h, V, m) for m in nanosp.RECOMPUTE_MODES}
+    paper = {m: ledgers.paper_training_flops(B, L, s, h, V, m) for m in nanosp.RECOMPUTE_MODES}
     return [dict(model=name, recompute=m, counted=counted and counted[m], exact=exact[m], paper=paper[m],
                  overhead_exact=exact[m] / exact["none"] - 1, overhead_paper=paper[m] / paper["none"] - 1,
                  s_over_h=s / h) for m in nanosp.RECOMPUTE_MODES]
@@ -116,7 +117,7 @@ def flop_rows(name, B, L, s, h, V, counted=None):
 
 def bench_flops(size):
     B, L, s, h, V = size["b"], size["L"], size["s"], size["h"], size["V"]
-    counted = {m: nanosp.count_training_flops(config(size, recompute=m), B, s) for m in nanosp.RECOMPUTE_MODES}
+    counted = {m: ledgers.count_training_flops(config(size, recompute=m), B, s) for m in nanosp.RECOMPUTE_MODES}
     rows = flop_rows(f"nanosp L={L} s={s} h={h} V={V} B={B}", B, L, s, h, V, counted)
     for name, shape in PAPER_MODELS:
         rows += flop_rows(f"{name} (analytic) L={shape['L']} s={shape['s']} h={shape['h']} V={shape['V']} B=1",
@@ -140,10 +141,10 @@ def bench_flops(size):
 # 3. communication
 
 
-def collective_kind(sequence_parallel, caller, op):
-    if sequence_parallel and op == "allreduce":
+def collective_kind(sequence_parallel, operator, op):
+    if sequence_parallel and op == "all-reduce":
         return "parameter gradients (sequence-shard params)"
-    if caller == "LinearWithSequenceGather.backward" and op.startswith("allgather"):
+    if operator == "LinearWithSequenceGather.backward" and op == "all-gather":
         return "re-gather of the saved input shard"
     return "activations"
 
@@ -156,13 +157,13 @@ def bench_communication(size, groups):
             continue
         kinds = {}
         for label, sp in (("TP", False), ("TP+SP", True)):
-            log = nanosp.measure_communication(config(size, sequence_parallel=sp), group, b, s, torch.bfloat16)
+            log = ledgers.measure_communication(config(size, sequence_parallel=sp), group, b, s, torch.bfloat16)
             counts = {}
-            for phase, caller, op, nbytes in log:
-                key = (label, collective_kind(sp, caller, op), phase, op, nbytes)
+            for phase, operator, op, nbytes in log:
+                key = (label, collective_kind(sp, operator, op), phase, op, nbytes)
                 counts[key] = counts.get(key, 0) + 1
             for (label_, kind, phase, op, nbytes), n in counts.items():
-                ring = n * nanosp.ring_bytes_sent(op, nbytes, t)
+                ring = n * ledgers.ring_bytes_sent(op, nbytes, t)
                 rows.append(dict(t=t, config=label_, kind=kind, phase=phase, op=op, count=n,
                                  message_bytes=nbytes, ring_bytes=ring))
                 kinds[(label_, kind)] = kinds.get((label_, kind), 0) + ring

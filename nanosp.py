@@ -5,28 +5,33 @@ The three ideas, and where they live in this file:
 
 1. Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM"). Attention is split by heads and the
    MLP by its hidden dimension across the t ranks of `group`: a ColumnParallelLinear followed by a
-   RowParallelLinear, with the conjugate pair f (identity / all-reduce) and g (all-reduce / identity)
-   around them. Sections "collectives" and "parallel layers".
+   RowParallelLinear, with the conjugate pair f (identity / all-reduce) and f̄ (all-reduce /
+   identity) around them. Sections "collectives" and "parallel layers".
 2. Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
    Transformer Models"). LayerNorm and dropout, which tensor parallelism leaves replicated, run on
-   T/t sequence shards; g becomes a reduce-scatter (g-bar) and f an all-gather (g-hat). The bytes on
-   the wire stay the same; those activations shrink by t. `sequence_parallel=True`.
+   T/t sequence shards: f becomes g (all-gather / reduce-scatter) and f̄ becomes ḡ (reduce-scatter
+   / all-gather). The bytes on the wire stay the same; those activations shrink by t.
+   `sequence_parallel=True`.
 3. Selective activation recomputation (same paper). Only the core attention (QK^T, softmax,
    dropout, .V), large to store and cheap to recompute, is recomputed in backward.
    `recompute="selective"`; `recompute="full"` keeps only each layer's input. Section "recomputation".
 
-The last section holds the ledgers that check the paper's numbers: saved-activation bytes per
-layer (Table 2), FLOPs of a training step (Appendix A) and bytes sent by each collective.
+Reading order: config, the four collectives, parallel layers, recomputation, the fusable ops,
+attention / MLP / block, GPT, state dicts; then the dropout hash, a detail the model calls.
+kernels.py holds fused CUDA versions of the fusable ops; ledgers.py measures what the paper
+counts (Table 2's activation bytes, Appendix A's FLOPs, the bytes of every collective).
 
 Activations inside the layers are laid out (T, B, C), sequence first, so that a sequence shard is
-a contiguous block and every shape comment marks the sharded dimension with /t.
+a contiguous block; every shape comment marks the sharded dimension with /t.
 
-    python nanosp.py                          # demo: 4 CPU processes, equivalence error, memory table
-    torchrun --nproc_per_node=2 train.py      # training
+    python ledgers.py       # 4 CPU processes: one step sharded vs unsharded, then Table 2 measured
+    torchrun --standalone --nproc_per_node=2 train.py --sequence-parallel --recompute selective
 """
 import math
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -91,89 +96,17 @@ def _divisors(n):
 
 
 # ----------------------------------------------------------------------------------------------
-# dropout that does not depend on how the model is cut
+# collectives: f, f̄, g, ḡ
 #
-# A mask bit is a pure function of (seed, layer, site, global element index): rank r of a t-way
-# model draws exactly its slice of the unsharded model's mask, and recomputation replays it.
-# (Megatron-LM instead forks separate CUDA RNG states for the sharded and the replicated regions.)
-
-M32 = 0xFFFFFFFF
-
-
-def mix32(x):
-    """A 32-bit integer hash (xor-shift-multiply), exact on int64 tensors and Python ints.
-
-    Values stay in [0, 2**32). The multiplications are split into 16-bit halves so that no
-    intermediate leaves int64: the CUDA kernels compute the same bits with uint32 arithmetic.
-    """
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mul32(x, c):
-    """(x * c) mod 2**32 for x < 2**32, without overflowing int64."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
-
-
-def dropout_key(seed, layer, site):
-    """The 32-bit key of one dropout site of one layer for one forward pass (Python ints)."""
-    k = mix32(seed & M32)
-    k = mix32(k ^ ((seed >> 32) & M32))
-    k = mix32(k ^ (layer & M32))
-    return mix32(k ^ (site & M32))
-
-
-def dropout_keep_mask(shape, p, key, offset, device=None):
-    """Which elements dropout keeps: True where hash(key, offset + i) >= p * 2**32.
-
-    Element i of the local tensor (row-major) is element offset + i of the site's global
-    tensor, so a shard of any cut draws exactly its slice of the unsharded model's mask.
-    """
-    numel = math.prod(shape)
-    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    u = mix32(mix32(key ^ (idx & M32)) ^ (idx >> 32))
-    return (u >= int(p * 2**32)).view(shape)
-
-
-class HashDropout(torch.autograd.Function):
-    """out = x * keep / (1 - p); the mask is stored for backward as bool, one byte per element."""
-
-    @staticmethod
-    def forward(ctx, x, p, key, offset):
-        keep = dropout_keep_mask(x.shape, p, key, offset, x.device)
-        ctx.scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(keep)
-        return x.masked_fill(~keep, 0) * ctx.scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad.masked_fill(~keep, 0) * ctx.scale, None, None, None
-
-
-# dropout sites of a layer (the embedding dropout uses layer index n_layer)
-SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3
-
-
-def dropout(x, p, key, offset, fused=None):
-    """key None means no dropout (evaluation, or p == 0). The fused kernel regenerates the mask
-    in backward instead of storing it."""
-    if key is None or p == 0.0:
-        return x
-    if fused is not None:
-        return fused.dropout(x.contiguous(), p, key, offset)
-    return HashDropout.apply(x.contiguous(), p, key, offset)
-
-
-# ----------------------------------------------------------------------------------------------
-# collectives: the four conjugate pairs
+# Korthikanti et al. 2022 (Figures 4 and 5) name the operators around the parallel linears:
 #
-# Each is a no-op on a group of one rank (and on group=None, the unsharded model). Under sequence
-# parallelism every gather and scatter is along dim 0, the sequence: a shard is a contiguous block.
+#   f  identity                       / all-reduce      entering a column-parallel linear (TP)
+#   f̄  all-reduce                     / identity        leaving a row-parallel linear (TP)
+#   g  all-gather along the sequence  / reduce-scatter  entering a column-parallel linear (SP)
+#   ḡ  reduce-scatter along sequence  / all-gather      leaving a row-parallel linear (SP)
+#
+# (forward / backward; Megatron-LM 2019 called f̄ "g".) Each is a no-op on a group of one rank and
+# on group=None, the unsharded model. Gathers and scatters are along dim 0, the sequence.
 
 
 def group_size(group):
@@ -189,19 +122,20 @@ _all_gather_into = getattr(dist, "all_gather_single", dist.all_gather_into_tenso
 _reduce_scatter_into = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
-def _all_reduce(x, group):
+def all_reduce(x, group):
+    """Every rank's x -> their sum on every rank (in place)."""
     dist.all_reduce(x, group=group)
     return x
 
 
-def _all_gather_sequence(x, group):
+def all_gather_sequence(x, group):
     """(T/t, ...) on each rank -> (T, ...), rank r's shard at rows [r T/t, (r+1) T/t)."""
     out = x.new_empty((x.shape[0] * group_size(group), *x.shape[1:]))
     _all_gather_into(out, x.contiguous(), group=group)
     return out
 
 
-def _reduce_scatter_sequence(x, group):
+def reduce_scatter_sequence(x, group):
     """(T, ...) partial sums on each rank -> (T/t, ...): this rank's rows of the sum."""
     out = x.new_empty((x.shape[0] // group_size(group), *x.shape[1:]))
     _reduce_scatter_into(out, x.contiguous(), group=group)
@@ -209,24 +143,27 @@ def _reduce_scatter_sequence(x, group):
 
 
 class CopyToTensorParallelRegion(torch.autograd.Function):
-    """f: forward identity, backward all-reduce. Entering a column-parallel linear (TP)."""
+    """f: forward identity, backward all-reduce. Every rank's column-parallel linear reads the
+    same input, so each holds a partial gradient of it. Given several tensors, f sums all their
+    gradients with one all-reduce of one flat buffer."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, group, *xs):
         ctx.group = group
-        return x.view_as(x)
+        return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+    def backward(ctx, *grads):
+        flat = all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), ctx.group)
+        return None, *(part.view_as(grad) for part, grad in zip(flat.split([g.numel() for g in grads]), grads))
 
 
 class ReduceFromTensorParallelRegion(torch.autograd.Function):
-    """g: forward all-reduce, backward identity. Leaving a row-parallel linear (TP)."""
+    """f̄: forward all-reduce, backward identity. Sums the row-parallel linear's partial outputs."""
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+        return all_reduce(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -234,47 +171,47 @@ class ReduceFromTensorParallelRegion(torch.autograd.Function):
 
 
 class GatherFromSequenceParallelRegion(torch.autograd.Function):
-    """g-hat: forward all-gather along the sequence, backward reduce-scatter. Entering a
-    column-parallel linear (SP). The backward is a reduce-scatter, not a split: every rank's
-    linear used the whole gathered sequence, so each holds a partial gradient for every shard."""
+    """g: forward all-gather along the sequence, backward reduce-scatter. The backward is a
+    reduce-scatter, not a split: every rank's linear used the whole gathered sequence, so each
+    holds a partial gradient for every shard."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather_sequence(x, group)
+        return all_gather_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter_sequence(grad, ctx.group), None
+        return reduce_scatter_sequence(grad, ctx.group), None
 
 
 class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    """g-bar: forward reduce-scatter along the sequence, backward all-gather. Leaving a
-    row-parallel linear (SP)."""
+    """ḡ: forward reduce-scatter along the sequence, backward all-gather. Sums the row-parallel
+    linear's partial outputs and keeps this rank's rows of the sum."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_sequence(x, group)
+        return reduce_scatter_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_sequence(grad, ctx.group), None
+        return all_gather_sequence(grad, ctx.group), None
 
 
-def copy_to_tp(x, group):
-    return x if group_size(group) == 1 else CopyToTensorParallelRegion.apply(x, group)
+def f(x, group):
+    return x if group_size(group) == 1 else CopyToTensorParallelRegion.apply(group, x)[0]
 
 
-def reduce_from_tp(x, group):
+def f_bar(x, group):
     return x if group_size(group) == 1 else ReduceFromTensorParallelRegion.apply(x, group)
 
 
-def gather_from_sp(x, group):
+def g(x, group):
     return x if group_size(group) == 1 else GatherFromSequenceParallelRegion.apply(x, group)
 
 
-def reduce_scatter_to_sp(x, group):
+def g_bar(x, group):
     return x if group_size(group) == 1 else ReduceScatterToSequenceParallelRegion.apply(x, group)
 
 
@@ -283,7 +220,7 @@ def reduce_scatter_to_sp(x, group):
 
 
 class LinearWithSequenceGather(torch.autograd.Function):
-    """g-hat fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b.
+    """g fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b.
 
     Unfused, the linear would save the gathered (T, B, C) input for its weight gradient. This
     saves only the (T/t, B, C) shard and gathers it again in backward: one more all-gather, and the
@@ -294,14 +231,14 @@ class LinearWithSequenceGather(torch.autograd.Function):
     def forward(ctx, x_shard, weight, bias, group):
         ctx.group, ctx.has_bias = group, bias is not None
         ctx.save_for_backward(x_shard, weight)
-        x = _all_gather_sequence(x_shard, group)  # (T, B, C)
+        x = all_gather_sequence(x_shard, group)  # (T, B, C)
         return F.linear(x, weight, bias)  # (T, B, n/t)
 
     @staticmethod
     def backward(ctx, grad_y):
         x_shard, weight = ctx.saved_tensors
-        x = _all_gather_sequence(x_shard, ctx.group)  # (T, B, C), gathered again
-        grad_x = _reduce_scatter_sequence(grad_y @ weight, ctx.group)  # (T/t, B, C): g-hat's backward
+        x = all_gather_sequence(x_shard, ctx.group)  # (T, B, C), gathered again
+        grad_x = reduce_scatter_sequence(grad_y @ weight, ctx.group)  # (T/t, B, C): g's backward
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])  # (T·B, n/t)
         grad_weight = grad_y2d.T @ x.reshape(-1, x.shape[-1])  # (n/t, C)
         grad_bias = grad_y2d.sum(0) if ctx.has_bias else None
@@ -311,8 +248,8 @@ class LinearWithSequenceGather(torch.autograd.Function):
 def column_parallel_linear(x, weight, bias, group, sequence_parallel):
     """Y = X W^T + b with W split by output features. x: (T/t, B, C) under SP, else (T, B, C)."""
     if sequence_parallel and group_size(group) > 1:
-        return LinearWithSequenceGather.apply(x, weight, bias, group)
-    return F.linear(copy_to_tp(x, group), weight, bias)
+        return LinearWithSequenceGather.apply(x, weight, bias, group)  # g, then the linear
+    return F.linear(f(x, group), weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -332,8 +269,8 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split across ranks; each rank's product is a partial sum, reduced by g (TP)
-    or g-bar (SP). Returns (y, bias): the bias is added once, after the reduction, by the caller."""
+    """Input features split across ranks; each rank's product is a partial sum, reduced by f̄ (TP)
+    or ḡ (SP). Returns (y, bias): the bias is added once, after the reduction, by the caller."""
 
     def __init__(self, in_features, out_features, group, sequence_parallel, bias):
         super().__init__()
@@ -342,21 +279,26 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.shard_dims = {"weight": (1, 1)}
 
-    def forward(self, x):  # (T, B, n/t) -> (T/t, B, C) under SP, else (T, B, C)
+    def forward(self, x, fwd):  # (T, B, n/t) -> (T/t, B, C) under SP, else (T, B, C)
         y = F.linear(x, self.weight)  # (T, B, C), partial sum over this rank's n/t inputs
         if self.sequence_parallel:
-            y = reduce_scatter_to_sp(y, self.group)  # (T/t, B, C)
+            y = g_bar(y, self.group)  # (T/t, B, C)
         else:
-            y = reduce_from_tp(y, self.group)  # (T, B, C)
-        return y, sp_parameter(self.bias, self.group, self.sequence_parallel)
+            y = f_bar(y, self.group)  # (T, B, C)
+        return y, fwd.param(self.bias)
 
 
-def sp_parameter(p, group, sequence_parallel):
-    """A replicated parameter used on a sequence shard gets only that shard's gradient: f sums
-    it over the group in backward. (LayerNorms, row-parallel biases, the position embedding.)"""
-    if p is None or not sequence_parallel:
-        return p
-    return copy_to_tp(p, group)
+def replicated_through_f(module, group, sequence_parallel):
+    """Under SP the replicated parameters (LayerNorms, row-parallel biases, wpe) see only this
+    rank's sequence shard, so each rank holds a partial gradient of them. The layers read them
+    through one f, whose backward runs once every layer is done with them and sums all their
+    gradients in one all-reduce; it does so on every backward, so gradient accumulation and
+    recomputation need nothing more. Returns {parameter: what the layers read instead}."""
+    if not sequence_parallel or group_size(group) == 1:
+        return {}
+    params = [p for m in module.modules() for name, p in m.named_parameters(recurse=False)
+              if name not in getattr(m, "shard_dims", {})]
+    return dict(zip(params, CopyToTensorParallelRegion.apply(group, *params)))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -400,8 +342,9 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
     """Mean cross-entropy of logits split by vocabulary, without gathering them (Megatron-LM):
     loss = log(sum_v exp(z_v - m)) - (z_target - m), each sum reduced across the group.
 
-    logits (T, B, V'/t); targets (T, B), -1 is ignored. g's backward is the identity, which is
-    right here: every rank computes the same loss, and each logit belongs to one rank only.
+    logits (T, B, V'/t); targets (T, B), negative targets (-1, -100) are ignored, and a batch
+    with every target ignored has loss 0. f̄'s backward is the identity, which is right here:
+    every rank computes the same loss, and each logit belongs to one rank only.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
     n = logits.shape[-1]
@@ -412,51 +355,13 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
         if group_size(group) > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - m[..., None]
-    sum_exp = reduce_from_tp(shifted.exp().sum(dim=-1), group)  # (T, B)
+    sum_exp = f_bar(shifted.exp().sum(dim=-1), group)  # (T, B)
     local_target = targets - vocab_start
     mine = (local_target >= 0) & (local_target < n)
     picked = shifted.gather(-1, local_target.clamp(0, n - 1)[..., None])[..., 0]
-    target_logit = reduce_from_tp(picked.masked_fill(~mine, 0.0), group)  # (T, B)
-    valid = targets != -1
-    return (sum_exp.log() - target_logit)[valid].mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# fused kernels (kernels.py) or their plain-PyTorch equivalents
-
-
-def fused_kernels_for(x, cfg):
-    """kernels.py when enabled and x is on CUDA and the extension builds; None means plain PyTorch."""
-    if not (cfg.fused_kernels and x.is_cuda):
-        return None
-    import kernels  # imported lazily: it is only needed (and only builds) on CUDA
-
-    return kernels if kernels.available() else None
-
-
-def bias_gelu(x, bias, fused):
-    if fused is not None:
-        return fused.bias_gelu(x, bias)
-    return F.gelu(x if bias is None else x + bias, approximate="tanh")
-
-
-def bias_dropout_add(x, bias, residual, p, key, offset, fused):
-    """residual + dropout(x + bias). The fused kernel regenerates the mask in backward instead of
-    storing it, so it saves one byte per element less than the formula counts."""
-    if fused is not None and key is not None:
-        return fused.bias_dropout_add(x, bias, residual, p, key, offset)
-    if bias is not None:
-        x = x + bias
-    return residual + dropout(x, p, key, offset)
-
-
-def causal_softmax(scores, scale, fused):
-    """softmax(scores * scale + causal mask) over the last dim. scores: (a/t B, T, T)."""
-    if fused is not None:
-        return fused.scale_mask_softmax(scores, scale)
-    T = scores.shape[-1]
-    mask = torch.full((T, T), float("-inf"), device=scores.device, dtype=scores.dtype).triu(1)
-    return F.softmax(scores * scale + mask, dim=-1)  # adds save nothing; softmax saves its output
+    target_logit = f_bar(picked.masked_fill(~mine, 0.0), group)  # (T, B)
+    valid = targets >= 0
+    return (sum_exp.log() - target_logit)[valid].sum() / valid.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,32 +391,91 @@ class Recompute(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
+# the fusable ops: their definitions
+#
+# kernels.py has a CUDA version of each, with the same signature, that reads its inputs once and
+# writes its outputs once. A forward pass picks one set of ops (`ops_for`) and every layer calls
+# through it. key=None means no dropout (evaluation, or p = 0).
+
+
+def bias_gelu(x, bias):
+    """gelu_tanh(x + bias); bias may be None."""
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+def dropout(x, p, key, offset):
+    """x * keep / (1 - p), keep = the hashed mask of (key, offset + element index)."""
+    if key is None or p == 0.0:
+        return x
+    return HashDropout.apply(x.contiguous(), p, key, offset)
+
+
+def bias_dropout_add(x, bias, residual, p, key, offset):
+    """residual + dropout(x + bias); bias may be None."""
+    if bias is not None:
+        x = x + bias
+    return residual + dropout(x, p, key, offset)
+
+
+def causal_softmax(scores, scale):
+    """softmax(scores * scale + causal mask) over the last dim. scores: (a/t B, T, T)."""
+    T = scores.shape[-1]
+    mask = torch.full((T, T), float("-inf"), device=scores.device, dtype=scores.dtype).triu(1)
+    return F.softmax(scores * scale + mask, dim=-1)  # adds save nothing; softmax saves its output
+
+
+REFERENCE_OPS = SimpleNamespace(bias_gelu=bias_gelu, dropout=dropout, bias_dropout_add=bias_dropout_add,
+                                causal_softmax=causal_softmax)
+
+
+def ops_for(x, cfg):
+    """kernels.py's ops when cfg.fused_kernels, x is on CUDA and the kernels build (NANOSP_KERNELS=0
+    says never); nanosp's definitions otherwise."""
+    if cfg.fused_kernels and x.is_cuda:
+        import kernels  # imported lazily: it is only needed (and only built) on CUDA
+
+        if kernels.available():
+            return kernels
+    return REFERENCE_OPS
+
+
+class Forward(NamedTuple):
+    """What one forward pass of the model shares with its layers: the ops to call, the seed of its
+    dropout masks (None: no dropout) and, under SP, what the replicated parameters are read
+    through (`GPT.forward` says why)."""
+    ops: SimpleNamespace = REFERENCE_OPS
+    seed: Optional[int] = None
+    shared: dict = {}  # parameter -> the tensor the layers use instead
+
+    def param(self, p):
+        return self.shared.get(p, p)
+
+    def dropout_key(self, layer, site):
+        return None if self.seed is None else dropout_key(self.seed, layer, site)
+
+
+# ----------------------------------------------------------------------------------------------
 # attention, MLP, block
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, dim, bias, group, sequence_parallel):
+    def __init__(self, dim, bias):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
-    def forward(self, x, fused):  # saves its input x: 2sbh (2sbh/t under SP)
-        weight = sp_parameter(self.weight, self.group, self.sequence_parallel)
-        bias = sp_parameter(self.bias, self.group, self.sequence_parallel)
-        if fused is not None:
-            return fused.layer_norm(x, weight, bias, 1e-5)
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
+    def forward(self, x, fwd):  # saves its input x: 2sbh (2sbh/t under SP)
+        return F.layer_norm(x, (x.shape[-1],), fwd.param(self.weight), fwd.param(self.bias), 1e-5)
 
 
-def core_attention(q, k, v, p, key, offset, fused):
+def core_attention(q, k, v, ops, p, key, offset):
     """softmax(Q K^T / sqrt(d) + causal mask), dropout, times V. q, k, v: (a/t B, T, d).
 
     This is the part selective recomputation recomputes: its saved activations grow with s^2.
     """
     scores = torch.bmm(q, k.transpose(1, 2))  # (a/t B, T, T); saves Q, K: 4sbh/t
-    probs = causal_softmax(scores, 1.0 / math.sqrt(q.shape[-1]), fused)  # saves softmax out: 2as^2b/t
-    probs = dropout(probs, p, key, offset, fused)  # saves the mask: as^2b/t (one byte each)
+    probs = ops.causal_softmax(scores, 1.0 / math.sqrt(q.shape[-1]))  # saves softmax out: 2as^2b/t
+    probs = ops.dropout(probs, p, key, offset)  # saves the mask: as^2b/t (one byte each)
     return torch.bmm(probs, v)  # (a/t B, T, d); saves dropout out 2as^2b/t and V 2sbh/t
 
 
@@ -526,21 +490,20 @@ class CausalSelfAttention(nn.Module):
                                            cfg.bias, chunks=3)
         self.c_proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
 
-    def forward(self, x, seed, fused):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
+    def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
         qkv = self.c_attn(x)  # (T, B, 3C/t)
         q, k, v = rearrange(qkv, "T B (three a d) -> three (a B) T d", three=3, d=self.head_dim)
         T, B = qkv.shape[0], qkv.shape[1]
         # the probabilities are laid out (a, B, T, T) with heads outermost: this rank's heads are one
         # contiguous block of the unsharded tensor, starting at element first_head * B T T
-        key = None if seed is None else dropout_key(seed, self.layer, SITE_ATTN_PROBS)
-        attend = partial(core_attention, p=self.cfg.dropout, key=key,
-                         offset=self.first_head * B * T * T, fused=fused)
+        attend = partial(core_attention, ops=fwd.ops, p=self.cfg.dropout,
+                         key=fwd.dropout_key(self.layer, SITE_ATTN_PROBS), offset=self.first_head * B * T * T)
         if self.cfg.recompute == "selective":
             y = Recompute.apply(attend, q, k, v)  # keeps Q, K, V; recomputes the s^2 part
         else:
             y = attend(q, k, v)
         y = rearrange(y, "(a B) T d -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
-        return self.c_proj(y)  # (T/t or T, B, C), bias
+        return self.c_proj(y, fwd)  # (T/t or T, B, C), bias
 
 
 class MLP(nn.Module):
@@ -549,37 +512,41 @@ class MLP(nn.Module):
         self.c_fc = ColumnParallelLinear(cfg.n_embd, 4 * cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
         self.c_proj = RowParallelLinear(4 * cfg.n_embd, cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
 
-    def forward(self, x, fused):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
+    def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
         h = self.c_fc(x, add_bias=False)  # (T, B, 4C/t)
-        h = bias_gelu(h, self.c_fc.bias, fused)  # saves the GeLU input: 8sbh/t
-        return self.c_proj(h)  # saves the GeLU output: 8sbh/t; returns (T/t or T, B, C), bias
+        h = fwd.ops.bias_gelu(h, self.c_fc.bias)  # saves the GeLU input: 8sbh/t
+        return self.c_proj(h, fwd)  # saves the GeLU output: 8sbh/t; returns (T/t or T, B, C), bias
 
 
 class Block(nn.Module):
     def __init__(self, cfg, group, layer):
         super().__init__()
         self.cfg, self.group, self.layer = cfg, group, layer
-        sp = cfg.sequence_parallel
-        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias, group, sp)
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg, group, layer)
-        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias, group, sp)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg, group)
 
-    def forward(self, x, seed, fused):
-        if self.cfg.recompute == "full":
-            return Recompute.apply(partial(self._forward, seed=seed, fused=fused), x)  # keeps x only
-        return self._forward(x, seed, fused)
+    def forward(self, x, fwd):
+        if self.cfg.recompute == "full":  # keeps x only (and, under SP, the parameters read through f)
+            shared = [p for p in self.parameters() if p in fwd.shared]
 
-    def _forward(self, x, seed, fused):  # x: (T/t, B, C) under SP, else (T, B, C)
-        p = self.cfg.dropout
+            def layer(x, *params):  # the replay reads the parameters it was given, as inputs
+                return self._forward(x, fwd._replace(shared=dict(zip(shared, params))))
+
+            return Recompute.apply(layer, x, *(fwd.shared[p] for p in shared))
+        return self._forward(x, fwd)
+
+    def _forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C)
+        p, ops = self.cfg.dropout, fwd.ops
         # a dropout region is this rank's slice of the global (T, B, C) tensor: rows from rank T/t
         offset = group_rank(self.group) * x.numel() if self.cfg.sequence_parallel else 0
-        key_attn = None if seed is None else dropout_key(seed, self.layer, SITE_ATTN_OUT)
-        key_mlp = None if seed is None else dropout_key(seed, self.layer, SITE_MLP_OUT)
-        y, bias = self.attn(self.ln_1(x, fused), seed, fused)
-        x = bias_dropout_add(y, bias, x, p, key_attn, offset, fused)  # saves the mask: sbh (sbh/t SP)
-        y, bias = self.mlp(self.ln_2(x, fused), fused)
-        return bias_dropout_add(y, bias, x, p, key_mlp, offset, fused)  # saves the mask: sbh (sbh/t SP)
+        y, bias = self.attn(self.ln_1(x, fwd), fwd)
+        key = fwd.dropout_key(self.layer, SITE_ATTN_OUT)
+        x = ops.bias_dropout_add(y, bias, x, p, key, offset)  # saves the mask: sbh (sbh/t SP)
+        y, bias = self.mlp(self.ln_2(x, fwd), fwd)
+        key = fwd.dropout_key(self.layer, SITE_MLP_OUT)
+        return ops.bias_dropout_add(y, bias, x, p, key, offset)  # saves the mask: sbh (sbh/t SP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,46 +570,60 @@ class GPT(nn.Module):
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, group)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, group, layer) for layer in range(cfg.n_layer))
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias, group, cfg.sequence_parallel)
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
         self.forward_count = 0  # training forwards so far: part of every dropout mask's seed
         self.shard_dims = {f"{name}.{p}": spec for name, module in self.named_modules()
                            for p, spec in getattr(module, "shard_dims", {}).items()
                            if getattr(module, p, None) is not None}
         self.load_full_state_dict(init_full_state_dict(cfg, self.full_shapes()))
 
-    def check_input(self, idx):
+    def check_input(self, idx, targets):
+        """Refuse what would otherwise run silently wrong. One host sync per forward (the id checks)."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be (B, T) int64, got {tuple(idx.shape)} {idx.dtype}")
+        if targets is not None and (targets.shape != idx.shape or targets.dtype != torch.long):
+            raise ValueError(f"targets must be int64 of idx's shape {tuple(idx.shape)}, got "
+                             f"{tuple(targets.shape)} {targets.dtype}")
         if torch.is_autocast_enabled(idx.device.type):
             raise ValueError("torch.autocast is not supported: recomputation would rerun in another dtype and "
                              "the sequence-gathering linear would mix dtypes. Cast the model instead, "
                              "model.to(torch.bfloat16), with float32 master weights as in train.py")
         self.cfg.check_sequence(idx.shape[1], self.tp_size)
+        V = self.cfg.vocab_size
+        bad_idx = (idx < 0) | (idx >= V)
+        bad_targets = torch.zeros_like(bad_idx) if targets is None else (
+            (targets >= V) | ((targets < 0) & (targets != -1) & (targets != -100)))
+        if any(torch.stack([bad_idx.any(), bad_targets.any()]).tolist()):
+            if bad_idx.any():
+                raise ValueError(f"token id {idx[bad_idx][0].item()} in idx is outside [0, vocab_size={V})")
+            raise ValueError(f"target {targets[bad_targets][0].item()} is outside [0, vocab_size={V}) and is "
+                             f"not an ignored position (-1, or PyTorch's -100)")
+
+    def next_dropout_seed(self):
+        """The seed of this forward's dropout masks: (cfg.seed, training forwards so far)."""
+        if not self.training:
+            return None
+        self.forward_count += 1
+        return (self.cfg.seed & M32) << 32 | ((self.forward_count - 1) & M32) if self.cfg.dropout > 0 else None
 
     def forward(self, idx, targets=None):
-        self.check_input(idx)
+        self.check_input(idx, targets)
         cfg, group, sp = self.cfg, self.group, self.cfg.sequence_parallel
-        seed = None
-        if self.training and cfg.dropout > 0:
-            seed = (cfg.seed & M32) << 32 | (self.forward_count & M32)
-        if self.training:
-            self.forward_count += 1
-        fused = fused_kernels_for(idx, cfg)
         T, t, rank = idx.shape[1], self.tp_size, self.tp_rank
+        fwd = Forward(ops_for(idx, cfg), self.next_dropout_seed(), replicated_through_f(self, group, sp))
 
         x = self.wte(idx.T)  # (T, B, C), each rank's partial: only its vocabulary rows
         if sp:
-            x = reduce_scatter_to_sp(x, group)  # (T/t, B, C)
+            x = g_bar(x, group)  # (T/t, B, C)
             positions = torch.arange(rank * T // t, (rank + 1) * T // t, device=idx.device)
         else:
-            x = reduce_from_tp(x, group)  # (T, B, C)
+            x = f_bar(x, group)  # (T, B, C)
             positions = torch.arange(T, device=idx.device)
-        x = x + F.embedding(positions, sp_parameter(self.wpe.weight, group, sp))[:, None, :]
-        key = None if seed is None else dropout_key(seed, cfg.n_layer, SITE_EMBED)
-        x = dropout(x, cfg.dropout, key, rank * x.numel() if sp else 0, fused)
+        x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]
+        x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), rank * x.numel() if sp else 0)
         for block in self.h:
-            x = block(x, seed, fused)
-        x = self.ln_f(x, fused)
+            x = block(x, fwd)
+        x = self.ln_f(x, fwd)
         logits = column_parallel_linear(x, self.wte.weight, None, group, sp)  # (T, B, V'/t), tied head
 
         if targets is not None:
@@ -701,10 +682,13 @@ class GPT(nn.Module):
         if missing or unexpected:
             raise ValueError(f"state dict does not fit this model: missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)}")
+        for name, shape in shapes.items():  # every entry is checked before anything changes
+            value = state_dict[name]
+            if not (torch.is_tensor(value) and value.is_floating_point() and tuple(value.shape) == shape):
+                what = f"{tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"state dict entry {name} is {what}, this model needs a floating tensor "
+                                 f"of shape {shape}")
         for name, p in self.named_parameters():
-            if tuple(state_dict[name].shape) != shapes[name]:
-                raise ValueError(f"state dict entry {name} has shape {tuple(state_dict[name].shape)}, "
-                                 f"this model needs {shapes[name]}")
             p.copy_(self.local_tensor(name, state_dict[name].to(p.device, p.dtype)))
 
 
@@ -725,211 +709,68 @@ def init_full_state_dict(cfg, shapes):
 
 
 # ----------------------------------------------------------------------------------------------
-# ledgers: the paper's numbers, counted
+# dropout that does not depend on how the model is cut
 #
-# s sequence length, b micro-batch, h hidden size, a heads, t tensor-parallel size, L layers, V vocab.
+# A mask bit is a pure function of (seed, layer, site, global element index): rank r of a t-way
+# model draws exactly its slice of the unsharded model's mask, and recomputation replays it.
+# (Megatron-LM instead forks separate CUDA RNG states for the sharded and the replicated regions.)
+
+M32 = 0xFFFFFFFF
+
+# dropout sites of a layer (the embedding dropout uses layer index n_layer)
+SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3
 
 
-def paper_activation_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="none"):
-    """Korthikanti et al. 2022, Table 2: activation bytes per layer, 16-bit activations and 1-byte
-    dropout masks (the formula assumes dropout is on)."""
-    if recompute == "full":
-        return 2 * s * b * h / (t if sequence_parallel else 1)
-    scores = 5 * a * s / (h * t) if recompute == "none" else 0.0  # softmax, its mask, dropout output
-    if sequence_parallel:
-        return s * b * h * (34 / t + scores)
-    return s * b * h * (10 + 24 / t + scores)
+def mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply), exact on int64 tensors and Python ints.
 
-
-def _init_for_measurement(module, gen):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-
-
-def measure_activation_bytes(cfg, group=None, batch=1, seq=None, dtype=torch.bfloat16, device="cpu"):
-    """The bytes autograd saves for backward during one layer's forward, term by term.
-
-    Counted with saved_tensors_hooks: each storage once, floating elements at 2 bytes (as in the
-    paper's 16-bit accounting, whatever dtype runs), bool masks at 1 byte, parameters excluded.
-    Returns (total, rows) with rows [(where, shape, dtype, bytes)]; `where` is the sub-module
-    that was running when the tensor was saved. With kernels.py on CUDA the residual-dropout
-    masks are regenerated rather than stored, and this comes in under the formula.
+    Values stay in [0, 2**32). The multiplications are split into 16-bit halves so that no
+    intermediate leaves int64: the CUDA kernels compute the same bits with uint32 arithmetic.
     """
-    seq = seq or cfg.block_size
-    t = group_size(group)
-    block = Block(cfg, group, layer=0).to(device, dtype)
-    _init_for_measurement(block, torch.Generator().manual_seed(cfg.seed))
-    rows_here = seq // t if cfg.sequence_parallel else seq
-    x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
-    parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    where, saved = ["block input"], {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
-            elements = storage.nbytes() // tensor.element_size()
-            nbytes = elements * (2 if tensor.is_floating_point() else tensor.element_size())
-            saved[storage.data_ptr()] = (where[0], tuple(tensor.shape), str(tensor.dtype)[6:], nbytes)
-        return tensor
-
-    hooks = []
-    for name in ("ln_1", "attn", "ln_2", "mlp"):
-        module = getattr(block, name)
-        hooks.append(module.register_forward_pre_hook(lambda *_, n=name: where.__setitem__(0, n)))
-        hooks.append(module.register_forward_hook(lambda *_, n=name: where.__setitem__(0, f"after {n}")))
-    seed = cfg.seed if cfg.dropout > 0 else None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        y = block(x, seed, fused_kernels_for(x, cfg))
-    for hook in hooks:
-        hook.remove()
-    del y
-    rows = list(saved.values())
-    return sum(r[3] for r in rows), rows
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
 
 
-def activation_table(cfg, group, batch=1, seq=None, dtype=torch.bfloat16, device="cpu"):
-    """Table 2's six rows for cfg's shape at t = size of group: measured bytes beside the formula.
-    Collective: every rank of the group calls it."""
-    seq, t = seq or cfg.block_size, group_size(group)
-    rows = []
-    for name, sp, recompute in [("no parallelism", False, "none"), ("tensor parallel", False, "none"),
-                                ("tensor + sequence parallel", True, "none"),
-                                ("tensor parallel + selective recompute", False, "selective"),
-                                ("tensor + sequence parallel + selective recompute", True, "selective"),
-                                ("full recompute", False, "full")]:
-        g = None if name == "no parallelism" else group
-        variant = GPTConfig(**{**cfg.__dict__, "sequence_parallel": sp, "recompute": recompute})
-        measured, _ = measure_activation_bytes(variant, g, batch, seq, dtype, device)
-        formula = paper_activation_bytes(seq, batch, cfg.n_embd, cfg.n_head, group_size(g), sp, recompute)
-        rows.append(dict(configuration=name, t=group_size(g), measured=measured, formula=formula,
-                         ratio=measured / formula))
-    return rows
+def _mul32(x, c):
+    """(x * c) mod 2**32 for x < 2**32, without overflowing int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
 
 
-def paper_training_flops(B, L, s, h, V, recompute="none"):
-    """Korthikanti et al. 2022, Appendix A: FLOPs of one training iteration (matrix multiplies).
-    Model FLOPs 72 B L s h^2 (1 + s/6h + V/12hL); with selective recompute the paper writes
-    s/3h for s/6h; full recompute adds one forward of every layer: 96 B L s h^2 (1 + s/6h + V/16hL)."""
-    if recompute == "full":
-        return 96 * B * L * s * h**2 * (1 + s / (6 * h) + V / (16 * h * L))
-    attention = s / (3 * h) if recompute == "selective" else s / (6 * h)
-    return 72 * B * L * s * h**2 * (1 + attention + V / (12 * h * L))
+def dropout_key(seed, layer, site):
+    """The 32-bit key of one dropout site of one layer for one forward pass (Python ints)."""
+    k = mix32(seed & M32)
+    k = mix32(k ^ ((seed >> 32) & M32))
+    k = mix32(k ^ (layer & M32))
+    return mix32(k ^ (site & M32))
 
 
-def exact_training_flops(B, L, s, h, V, recompute="none"):
-    """The matrix-multiply FLOPs nanosp runs for one training step (forward + backward = 3x forward).
-    A layer's forward: QKV 6Bsh^2, QK^T 2Bs^2h, .V 2Bs^2h, projection 2Bsh^2, MLP 16Bsh^2;
-    the LM head 2BshV. Selective recompute runs QK^T and .V once more, full the whole layer."""
-    layer = 24 * B * s * h**2 + 4 * B * s**2 * h
-    total = 3 * (L * layer + 2 * B * s * h * V)
-    if recompute == "selective":
-        total += L * 4 * B * s**2 * h
-    if recompute == "full":
-        total += L * layer
-    return total
+def dropout_keep_mask(shape, p, key, offset, device=None):
+    """Which elements dropout keeps: True where hash(key, offset + i) >= p * 2**32.
+
+    Element i of the local tensor (row-major) is element offset + i of the site's global
+    tensor, so a shard of any cut draws exactly its slice of the unsharded model's mask.
+    """
+    numel = math.prod(shape)
+    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    u = mix32(mix32(key ^ (idx & M32)) ^ (idx >> 32))
+    return (u >= int(p * 2**32)).view(shape)
 
 
-def count_training_flops(cfg, batch, seq=None):
-    """FLOPs of one forward + backward of the unsharded model, counted by FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
+class HashDropout(torch.autograd.Function):
+    """out = x * keep / (1 - p); the mask is stored for backward as bool, one byte per element."""
 
-    seq = seq or cfg.block_size
-    model = GPT(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        _, loss = model(idx, idx)
-        loss.backward()
-    return counter.get_total_flops()
+    @staticmethod
+    def forward(ctx, x, p, key, offset):
+        keep = dropout_keep_mask(x.shape, p, key, offset, x.device)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(keep)
+        return x.masked_fill(~keep, 0) * ctx.scale
 
-
-def measure_communication(cfg, group, batch=1, seq=None, dtype=torch.bfloat16, device="cpu"):
-    """Every collective of one layer's forward and backward: (phase, caller, op, bytes of the full
-    message). Ring algorithms send 2(t-1)/t of that per rank for an all-reduce and (t-1)/t for an
-    all-gather or a reduce-scatter: one all-reduce costs one reduce-scatter plus one all-gather."""
-    import inspect
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seq, t = seq or cfg.block_size, group_size(group)
-    log, phase = [], ["forward"]
-
-    class CollectiveLog(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "c10d":
-                op = func.__name__.split(".")[0].strip("_")
-                tensors = args[0] if isinstance(args[0], list) else [args[0]]
-                if op == "reduce_scatter_base":  # the message is the full input, not the output shard
-                    tensors = [args[1]]
-                caller = next(f.frame.f_code.co_qualname for f in inspect.stack()
-                              if f.filename == __file__ and not f.function.startswith("_"))
-                log.append((phase[0], caller, op, sum(x.numel() * x.element_size() for x in tensors)))
-            return func(*args, **(kwargs or {}))
-
-    block = Block(cfg, group, layer=0).to(device, dtype)
-    _init_for_measurement(block, torch.Generator().manual_seed(cfg.seed))
-    rows_here = seq // t if cfg.sequence_parallel else seq
-    x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
-    with CollectiveLog():
-        y = block(x, None, None)
-        phase[0] = "backward"
-        y.backward(torch.ones_like(y))
-    return log
-
-
-def ring_bytes_sent(op, nbytes, t):
-    """Bytes one rank sends for a collective of an nbytes message under the ring algorithm."""
-    return (2 if op == "allreduce" else 1) * (t - 1) * nbytes / t
-
-
-# ----------------------------------------------------------------------------------------------
-# demo: python nanosp.py
-
-
-def _relative_error(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-
-def _demo(rank, world, port):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    group, say = dist.group.WORLD, (print if rank == 0 else lambda *a: None)
-
-    # 1. one training step of a t-way model with SP + selective recompute + dropout equals the unsharded step
-    cfg = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=8, n_embd=64, dropout=0.1,
-                    sequence_parallel=True, recompute="selective")
-    reference = GPT(GPTConfig(**{**cfg.__dict__, "sequence_parallel": False, "recompute": "none"})).double()
-    sharded = GPT(cfg, group).double()
-    idx = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    (_, loss_ref), (_, loss) = reference(idx, idx), sharded(idx, idx)
-    loss_ref.backward()
-    loss.backward()
-    grads_ref = dict(reference.named_parameters())
-    worst = max(_relative_error(sharded.full_tensor(n, p.grad), grads_ref[n].grad)
-                for n, p in sharded.named_parameters())
-    say(f"t={world}, sequence parallel, selective recompute, dropout 0.1, float64: "
-        f"loss {loss.item():.6f} vs {loss_ref.item():.6f} unsharded; "
-        f"largest relative error of any gradient {worst:.1e}")
-
-    # 2. the paper's Table 2 for one layer at a GPT-3-like ratio 5as/h = 80, bf16
-    cfg = GPTConfig(vocab_size=256, block_size=1024, n_layer=1, n_head=8, n_embd=512, dropout=0.1)
-    rows = activation_table(cfg, group, batch=1)
-    say(f"\nactivation bytes per layer: s=1024 b=1 h=512 a=8 t={world} (bf16, measured by saved_tensors_hooks)")
-    say("| configuration | t | measured | Table 2 formula | ratio |\n| --- | --- | --- | --- | --- |")
-    for r in rows:
-        say(f"| {r['configuration']} | {r['t']} | {r['measured']:,} | {r['formula']:,.0f} | {r['ratio']:.4f} |")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_demo, args=(4, port), nprocs=4)
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.masked_fill(~keep, 0) * ctx.scale, None, None, None

@@ -481,8 +481,13 @@ def test_model_through_kernel_api_equals_plain_model(monkeypatch, recompute):
                            recompute=recompute)
     idx = torch.randint(0, 37, (3, 16), generator=torch.Generator().manual_seed(0))
     results = []
-    for fused in (None, kernels):
-        monkeypatch.setattr(nanosp, "fused_kernels_for", lambda x, cfg, fused=fused: fused)
+    from types import SimpleNamespace
+
+    through_kernels = SimpleNamespace(bias_gelu=kernels.bias_gelu, dropout=kernels.dropout,
+                                      bias_dropout_add=kernels.bias_dropout_add,
+                                      causal_softmax=kernels.scale_mask_softmax)
+    for ops in (nanosp.REFERENCE_OPS, through_kernels):
+        monkeypatch.setattr(nanosp, "ops_for", lambda x, cfg, ops=ops: ops)
         model = nanosp.GPT(cfg).double()
         _, loss = model(idx, idx)
         loss.backward()

@@ -8,6 +8,7 @@ Tolerances: float64 comparisons are relative to the largest reference element an
 1e-10 (what remains is reduction order, ~1e-15). Byte and FLOP counts are exact integers and are
 compared exactly, except activation bytes against the paper's formula (3%, LayerNorm statistics).
 """
+import math
 import os
 import socket
 import traceback
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ledgers
 import nanosp
 from nanosp import GPT, GPTConfig
 
@@ -253,11 +255,11 @@ def task_conjugate_pairs(ctx):
     gs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64) for i in range(t)]
     shard = slice(2 * r, 2 * r + 2)
     cases = {  # name: (operator, input, upstream grad, expected output, expected input grad)
-        "f": (nanosp.copy_to_tp, xs[r], gs[r], xs[r], sum(gs)),
-        "g": (nanosp.reduce_from_tp, xs[r], gs[r], sum(xs), gs[r]),
-        "g-hat": (nanosp.gather_from_sp, xs[r][shard], gs[r], torch.cat([x[2 * i:2 * i + 2] for i, x in enumerate(xs)]),
+        "f": (nanosp.f, xs[r], gs[r], xs[r], sum(gs)),
+        "f_bar": (nanosp.f_bar, xs[r], gs[r], sum(xs), gs[r]),
+        "g": (nanosp.g, xs[r][shard], gs[r], torch.cat([x[2 * i:2 * i + 2] for i, x in enumerate(xs)]),
                   sum(gs)[shard]),
-        "g-bar": (nanosp.reduce_scatter_to_sp, xs[r], gs[r][shard], sum(xs)[shard],
+        "g_bar": (nanosp.g_bar, xs[r], gs[r][shard], sum(xs)[shard],
                   torch.cat([g[2 * i:2 * i + 2] for i, g in enumerate(gs)])),
     }
     errors = {}
@@ -278,43 +280,53 @@ def test_conjugate_pairs(world):
 # the known traps
 
 
-def task_sp_parameter_grads(ctx, summed):
+def task_sp_parameter_grads(ctx, summed, recompute="none"):
     """Under SP, LayerNorm weights (ln_f too), row-parallel biases and the position embedding see
     one sequence shard per rank. With `summed=False` the f that sums their gradients is removed,
     to show this test catches the trap."""
-    real = nanosp.sp_parameter
+    real = nanosp.replicated_through_f
     if not summed:
-        nanosp.sp_parameter = lambda p, group, sequence_parallel: p
+        nanosp.replicated_through_f = lambda module, group, sequence_parallel: {}
     try:
-        return _sp_parameter_grad_errors(ctx)
+        return _sp_parameter_grad_errors(ctx, recompute)
     finally:
-        nanosp.sp_parameter = real
+        nanosp.replicated_through_f = real
 
 
-def _sp_parameter_grad_errors(ctx):
-    cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=4, n_embd=16, sequence_parallel=True)
+def _sp_parameter_grad_errors(ctx, recompute):
+    """Two micro-batches accumulate their gradients, as train.py's --grad-accum does; each backward
+    sums the replicated parameters' gradients in one all-reduce, counted by the collective log."""
+    cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16, sequence_parallel=True,
+                    dropout=0.1, recompute=recompute)
     model, reference = GPT(cfg, ctx.group(4)).double(), unsharded_twin(cfg)
     sd = random_full_state_dict(reference, 1)
     model.load_full_state_dict(sd)
     reference.load_full_state_dict(sd)
-    idx, targets = make_batch(cfg, 2, 8, 1)
-    model(idx, targets)[1].backward()
-    reference(idx, targets)[1].backward()
+    with ledgers.collective_log() as log:
+        for micro in range(2):
+            idx, targets = make_batch(cfg, 2, 8, micro)
+            model(idx, targets)[1].backward()
+            reference(idx, targets)[1].backward()
     ref = dict(reference.named_parameters())
-    names = ["ln_f.weight", "ln_f.bias", "h.0.ln_1.weight", "h.0.attn.c_proj.bias", "h.0.mlp.c_proj.bias",
-             "wpe.weight"]
-    return {n: rel_err(dict(model.named_parameters())[n].grad, ref[n].grad) for n in names}
+    names = ["ln_f.weight", "ln_f.bias", "h.0.ln_1.weight", "h.1.ln_2.bias", "h.0.attn.c_proj.bias",
+             "h.1.mlp.c_proj.bias", "wpe.weight"]
+    errors = {n: rel_err(dict(model.named_parameters())[n].grad, ref[n].grad) for n in names}
+    sums = [n for _, operator, op, n in log if operator == "CopyToTensorParallelRegion.backward"]
+    return errors, sums
 
 
-def test_sequence_parallel_parameter_grads_are_summed(world):
-    for errors in world.run(task_sp_parameter_grads, summed=True):
+@pytest.mark.parametrize("recompute", nanosp.RECOMPUTE_MODES)
+def test_sequence_parallel_parameter_grads_are_summed_once_per_backward(world, recompute):
+    replicated = 2 * 6 * 16 + 2 * 16 + 8 * 16  # per layer 2 LayerNorms + 2 biases; ln_f; wpe
+    for errors, sums in world.run(task_sp_parameter_grads, summed=True, recompute=recompute):
         assert max(errors.values()) < TOL, errors
+        assert sums == [replicated * 8] * 2  # one all-reduce of all of them (float64) per backward
 
 
 def test_unsummed_sequence_parallel_grads_are_caught(world):
     """The same check without the sum fails: the test has teeth."""
-    for errors in world.run(task_sp_parameter_grads, summed=False):
-        assert min(errors.values()) > 1e-3, errors
+    for errors, sums in world.run(task_sp_parameter_grads, summed=False):
+        assert min(errors.values()) > 1e-3 and not sums, errors
 
 
 def task_padded_vocabulary(ctx):
@@ -438,8 +450,10 @@ def test_state_dict_errors():
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
     sd = model.full_state_dict()
     wrong_shape = {**sd, "wpe.weight": torch.zeros(9, 8)}
-    with pytest.raises(ValueError, match=r"wpe.weight has shape \(9, 8\), this model needs \(8, 8\)"):
+    with pytest.raises(ValueError, match=r"wpe.weight is \(9, 8\) torch.float32, this model needs .* \(8, 8\)"):
         model.load_full_state_dict(wrong_shape)
+    with pytest.raises(ValueError, match=r"h.0.ln_1.bias is list"):
+        model.load_full_state_dict({**sd, "h.0.ln_1.bias": [0.0] * 8})
     missing = {k: v for k, v in sd.items() if k != "ln_f.bias"}
     with pytest.raises(ValueError, match=r"missing \['ln_f.bias'\]"):
         model.load_full_state_dict(missing)
@@ -447,6 +461,54 @@ def test_state_dict_errors():
         model.load_full_state_dict({**sd, "lm_head.weight": sd["wte.weight"]})
     with pytest.raises(ValueError, match="int64"):
         model(torch.zeros(1, 4))
+
+
+def task_bad_ids(ctx, t):
+    """Token ids and targets outside the vocabulary are refused, unsharded and sharded alike (the
+    embedding would look up zeros and the loss would pick a wrong logit); ignored positions, -1
+    and PyTorch's -100, are the same; a batch whose targets are all ignored has loss 0, not NaN."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, sequence_parallel=t > 1)
+    model = GPT(cfg, ctx.group(t) if t > 1 else None).double()
+    idx, targets = make_batch(cfg, 2, 4, 0, ignore=False)
+    messages = {}
+    for name, (i, y) in {"id 11": (idx.index_fill(1, torch.tensor([2]), 11), None),
+                         "id -1": (idx.index_fill(0, torch.tensor([1]), -1), targets),
+                         "target 11": (idx, targets.index_fill(1, torch.tensor([3]), 11)),
+                         "target -2": (idx, targets.index_fill(1, torch.tensor([0]), -2))}.items():
+        with pytest.raises(ValueError) as info:
+            model(i, y)
+        messages[name] = str(info.value)
+    losses = [model(idx, targets.index_fill(1, torch.tensor([1]), ignore))[1].item() for ignore in (-1, -100)]
+    _, loss = model(idx, torch.full_like(targets, -1))
+    loss.backward()
+    grads_finite = all(p.grad.isfinite().all().item() and not p.grad.any().item() for p in model.parameters())
+    return dict(messages=messages, losses=losses, all_ignored=loss.item(), grads_zero=grads_finite)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_out_of_range_ids_and_targets_are_refused(world, t):
+    for r in world.run(task_bad_ids, t=t)[:t]:
+        m = r["messages"]
+        assert "token id 11" in m["id 11"] and "vocab_size=11" in m["id 11"], m
+        assert "token id -1" in m["id -1"], m
+        assert "target 11" in m["target 11"] and "-100" in m["target 11"], m
+        assert "target -2" in m["target -2"], m
+        assert r["losses"][0] == r["losses"][1] and math.isfinite(r["losses"][0])
+        assert r["all_ignored"] == 0.0 and r["grads_zero"]
+
+
+def test_a_bad_state_dict_changes_nothing():
+    """load_full_state_dict checks every entry before it copies any: a bad last entry leaves the
+    model as it was."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8))
+    before = model.full_state_dict()
+    other = {name: torch.randn(v.shape) for name, v in before.items()}
+    last = list(other)[-1]
+    for bad in (torch.zeros(3), torch.zeros(other[last].shape, dtype=torch.long), "weights"):
+        with pytest.raises(ValueError, match=last):
+            model.load_full_state_dict({**other, last: bad})
+        after = model.full_state_dict()
+        assert all(torch.equal(after[n], before[n]) for n in before)
 
 
 def test_autocast_is_refused():
@@ -496,7 +558,7 @@ def test_mask_is_a_slice_of_the_global_mask_and_keeps_1_minus_p():
 
 def task_activation_table(ctx, t):
     cfg = GPTConfig(vocab_size=64, block_size=256, n_layer=1, n_head=8, n_embd=256, dropout=0.1)
-    return nanosp.activation_table(cfg, ctx.group(t), batch=2)
+    return ledgers.activation_table(cfg, ctx.group(t), batch=2)
 
 
 @pytest.mark.parametrize("t", [2, 4])
@@ -513,10 +575,10 @@ def test_training_flops_are_counted_exactly():
     counted = {}
     for mode in nanosp.RECOMPUTE_MODES:
         cfg = GPTConfig(vocab_size=V, block_size=s, n_layer=L, n_head=4, n_embd=h, recompute=mode)
-        counted[mode] = nanosp.count_training_flops(cfg, B)
-        assert counted[mode] == nanosp.exact_training_flops(B, L, s, h, V, mode)
-    assert counted["none"] == nanosp.paper_training_flops(B, L, s, h, V, "none")
-    assert counted["full"] == round(nanosp.paper_training_flops(B, L, s, h, V, "full"))
+        counted[mode] = ledgers.count_training_flops(cfg, B)
+        assert counted[mode] == ledgers.exact_training_flops(B, L, s, h, V, mode)
+    assert counted["none"] == ledgers.paper_training_flops(B, L, s, h, V, "none")
+    assert counted["full"] == round(ledgers.paper_training_flops(B, L, s, h, V, "full"))
     # selective recompute reruns the forward of QK^T and .V: 4Bs^2h per layer
     assert counted["selective"] - counted["none"] == 4 * B * s**2 * h * L
 
@@ -526,23 +588,23 @@ def task_communication(ctx):
     logs = {}
     for sp in (False, True):
         variant = GPTConfig(**{**cfg.__dict__, "sequence_parallel": sp})
-        logs[sp] = nanosp.measure_communication(variant, ctx.group(4), batch=2)
+        logs[sp] = ledgers.measure_communication(variant, ctx.group(4), batch=2)
     return logs
 
 
 def test_sequence_parallelism_sends_the_same_activation_bytes(world):
     logs = world.run(task_communication)[0]
     t, sbh = 4, 16 * 2 * 32 * 2  # bytes of one (s, b, h) bf16 activation
-    ring = lambda rows: sum(nanosp.ring_bytes_sent(op, n, t) for _, _, op, n in rows)
+    ring = lambda rows: sum(ledgers.ring_bytes_sent(op, n, t) for _, _, op, n in rows)
     tp, sp = logs[False], logs[True]
-    assert [(phase, op, n) for phase, _, op, n in tp] == [("forward", "allreduce", sbh)] * 2 + [
-        ("backward", "allreduce", sbh)] * 2
-    regather = [r for r in sp if r[1] == "LinearWithSequenceGather.backward" and r[2] == "allgather_base"]
+    assert [(phase, op, n) for phase, _, op, n in tp] == [("forward", "all-reduce", sbh)] * 2 + [
+        ("backward", "all-reduce", sbh)] * 2
+    regather = [r for r in sp if r[1] == "LinearWithSequenceGather.backward" and r[2] == "all-gather"]
     params = [r for r in sp if r[1] == "CopyToTensorParallelRegion.backward"]
     activations = [r for r in sp if r not in regather and r not in params]
     assert ring(activations) == ring(tp)  # all-reduce = reduce-scatter + all-gather
-    assert sorted(op for _, _, op, _ in activations) == ["allgather_base"] * 4 + ["reduce_scatter_base"] * 4
+    assert sorted(op for _, _, op, _ in activations) == ["all-gather"] * 4 + ["reduce-scatter"] * 4
     # the price of saving only the input shard: one all-gather again per column-parallel linear
     assert [n for *_, n in regather] == [sbh, sbh]
     # LayerNorm weights and biases (2 x 2) and the two row-parallel biases: 6 x h elements
-    assert sum(n for *_, n in params) == 6 * 32 * 2
+    assert [n for *_, n in params] == [6 * 32 * 2]  # in one all-reduce

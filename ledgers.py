@@ -1,0 +1,277 @@
+"""ledgers: nanosp's measuring instruments, each beside the paper's formula it checks.
+
+    python ledgers.py     # 4 CPU processes: one training step sharded vs unsharded, then Table 2
+
+1. Activation memory (Korthikanti et al. 2022, Table 2): the bytes autograd saves during one
+   layer's forward, counted with saved_tensors_hooks, beside the formula sbh(34 + 5as/h) and its
+   tensor-, sequence-parallel and recompute variants.
+2. FLOPs (the paper's Appendix A): one training step counted by FlopCounterMode, beside the exact
+   count of the matrix multiplies nanosp runs and the paper's 72BLsh^2(1 + s/6h + V/12hL).
+3. Communication: every collective of one layer, forward and backward, logged by wrapping
+   nanosp's collective helpers for the duration of a measurement; bytes per rank under the ring
+   algorithm.
+
+s sequence length, b micro-batch, h hidden size, a heads, t tensor-parallel size, L layers, V vocab.
+bench.py prints these as tables; the tests hold them to the paper.
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+import nanosp
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. activation memory (Table 2)
+
+
+def paper_activation_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="none"):
+    """Korthikanti et al. 2022, Table 2: activation bytes per layer, 16-bit activations and 1-byte
+    dropout masks (the formula assumes dropout is on)."""
+    if recompute == "full":
+        return 2 * s * b * h / (t if sequence_parallel else 1)
+    scores = 5 * a * s / (h * t) if recompute == "none" else 0.0  # softmax, its mask, dropout output
+    if sequence_parallel:
+        return s * b * h * (34 / t + scores)
+    return s * b * h * (10 + 24 / t + scores)
+
+
+def _init_for_measurement(module, gen):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def measure_activation_bytes(cfg, group=None, batch=1, seq=None, dtype=torch.bfloat16, device="cpu"):
+    """The bytes autograd saves for backward during one layer's forward, term by term.
+
+    Counted with saved_tensors_hooks: each storage once, floating elements at 2 bytes (as in the
+    paper's 16-bit accounting, whatever dtype runs), bool masks at 1 byte, parameters excluded.
+    Returns (total, rows) with rows [(where, shape, dtype, bytes)]; `where` is the sub-module
+    that was running when the tensor was saved. With kernels.py on CUDA the residual-dropout
+    masks are regenerated rather than stored, and this comes in under the formula.
+    """
+    seq = seq or cfg.block_size
+    t = nanosp.group_size(group)
+    block = nanosp.Block(cfg, group, layer=0).to(device, dtype)
+    _init_for_measurement(block, torch.Generator().manual_seed(cfg.seed))
+    rows_here = seq // t if cfg.sequence_parallel else seq
+    x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
+    parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    where, saved = ["block input"], {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
+            elements = storage.nbytes() // tensor.element_size()
+            nbytes = elements * (2 if tensor.is_floating_point() else tensor.element_size())
+            saved[storage.data_ptr()] = (where[0], tuple(tensor.shape), str(tensor.dtype)[6:], nbytes)
+        return tensor
+
+    hooks = []
+    for name in ("ln_1", "attn", "ln_2", "mlp"):
+        module = getattr(block, name)
+        hooks.append(module.register_forward_pre_hook(lambda *_, n=name: where.__setitem__(0, n)))
+        hooks.append(module.register_forward_hook(lambda *_, n=name: where.__setitem__(0, f"after {n}")))
+    seed = cfg.seed if cfg.dropout > 0 else None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = block(x, nanosp.Forward(nanosp.ops_for(x, cfg), seed))
+    for hook in hooks:
+        hook.remove()
+    del y
+    rows = list(saved.values())
+    return sum(r[3] for r in rows), rows
+
+
+def activation_table(cfg, group, batch=1, seq=None, dtype=torch.bfloat16, device="cpu"):
+    """Table 2's six rows for cfg's shape at t = size of group: measured bytes beside the formula.
+    Collective: every rank of the group calls it."""
+    seq, t = seq or cfg.block_size, nanosp.group_size(group)
+    rows = []
+    for name, sp, recompute in [("no parallelism", False, "none"), ("tensor parallel", False, "none"),
+                                ("tensor + sequence parallel", True, "none"),
+                                ("tensor parallel + selective recompute", False, "selective"),
+                                ("tensor + sequence parallel + selective recompute", True, "selective"),
+                                ("full recompute", False, "full")]:
+        g = None if name == "no parallelism" else group
+        variant = nanosp.GPTConfig(**{**cfg.__dict__, "sequence_parallel": sp, "recompute": recompute})
+        measured, _ = measure_activation_bytes(variant, g, batch, seq, dtype, device)
+        formula = paper_activation_bytes(seq, batch, cfg.n_embd, cfg.n_head, nanosp.group_size(g), sp, recompute)
+        rows.append(dict(configuration=name, t=nanosp.group_size(g), measured=measured, formula=formula,
+                         ratio=measured / formula))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. FLOPs (Appendix A)
+
+
+def paper_training_flops(B, L, s, h, V, recompute="none"):
+    """Korthikanti et al. 2022, Appendix A: FLOPs of one training iteration (matrix multiplies).
+    Model FLOPs 72 B L s h^2 (1 + s/6h + V/12hL); with selective recompute the paper writes
+    s/3h for s/6h; full recompute adds one forward of every layer: 96 B L s h^2 (1 + s/6h + V/16hL)."""
+    if recompute == "full":
+        return 96 * B * L * s * h**2 * (1 + s / (6 * h) + V / (16 * h * L))
+    attention = s / (3 * h) if recompute == "selective" else s / (6 * h)
+    return 72 * B * L * s * h**2 * (1 + attention + V / (12 * h * L))
+
+
+def exact_training_flops(B, L, s, h, V, recompute="none"):
+    """The matrix-multiply FLOPs nanosp runs for one training step (forward + backward = 3x forward).
+    A layer's forward: QKV 6Bsh^2, QK^T 2Bs^2h, .V 2Bs^2h, projection 2Bsh^2, MLP 16Bsh^2;
+    the LM head 2BshV. Selective recompute runs QK^T and .V once more, full the whole layer."""
+    layer = 24 * B * s * h**2 + 4 * B * s**2 * h
+    total = 3 * (L * layer + 2 * B * s * h * V)
+    if recompute == "selective":
+        total += L * 4 * B * s**2 * h
+    if recompute == "full":
+        total += L * layer
+    return total
+
+
+def count_training_flops(cfg, batch, seq=None):
+    """FLOPs of one forward + backward of the unsharded model, counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seq = seq or cfg.block_size
+    model = nanosp.GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. communication
+
+
+@contextmanager
+def collective_log():
+    """Within the block, every collective of nanosp's collective helpers is logged as (phase,
+    operator, op, bytes of the full message): the three helpers (all_reduce, all_gather_sequence,
+    reduce_scatter_sequence) are wrapped to count, and the autograd Functions that call them to
+    say which operator is running, forward or backward."""
+    log, running = [], [("outside", "an operator")]
+
+    def counted(op, helper, full_message):
+        def wrapper(x, group):
+            nbytes = x.numel() * x.element_size() * (nanosp.group_size(group) if full_message else 1)
+            log.append((*running[-1], op, nbytes))
+            return helper(x, group)
+        return wrapper
+
+    def labelled(cls, phase, method):
+        def wrapper(*args):
+            running.append((phase, f"{cls.__name__}.{phase}"))
+            try:
+                return method(*args)
+            finally:
+                running.pop()
+        return staticmethod(wrapper)
+
+    helpers = {"all_reduce": ("all-reduce", False), "all_gather_sequence": ("all-gather", True),
+               "reduce_scatter_sequence": ("reduce-scatter", False)}  # the message is the full tensor
+    saved = {name: getattr(nanosp, name) for name in helpers}
+    functions = [cls for cls in vars(nanosp).values() if isinstance(cls, type)
+                 and issubclass(cls, torch.autograd.Function) and cls is not nanosp.Recompute]
+    methods = {cls: (cls.__dict__["forward"], cls.__dict__["backward"]) for cls in functions}
+    for name, (op, full) in helpers.items():
+        setattr(nanosp, name, counted(op, saved[name], full))
+    for cls, (forward, backward) in methods.items():
+        cls.forward = labelled(cls, "forward", forward.__func__)
+        cls.backward = labelled(cls, "backward", backward.__func__)
+    try:
+        yield log
+    finally:
+        for name, helper in saved.items():
+            setattr(nanosp, name, helper)
+        for cls, (forward, backward) in methods.items():
+            cls.forward, cls.backward = forward, backward
+
+
+PAPER_NAMES = {"CopyToTensorParallelRegion": "f", "ReduceFromTensorParallelRegion": "f̄",
+               "GatherFromSequenceParallelRegion": "g", "ReduceScatterToSequenceParallelRegion": "ḡ",
+               "LinearWithSequenceGather": "g (fused with the linear)",
+               "GatherFromVocabRegion": "gather of the vocabulary-parallel logits"}
+
+
+def paper_name(operator):
+    """'ReduceFromTensorParallelRegion.forward' -> 'f̄ forward': the paper's letter for a log entry."""
+    cls, _, phase = operator.partition(".")
+    return f"{PAPER_NAMES.get(cls, cls)} {phase}".strip()
+
+
+def measure_communication(cfg, group, batch=1, seq=None, dtype=torch.bfloat16, device="cpu"):
+    """Every collective of one layer's forward and backward: (phase, operator, op, bytes of the full
+    message). Ring algorithms send 2(t-1)/t of that per rank for an all-reduce and (t-1)/t for an
+    all-gather or a reduce-scatter: one all-reduce costs one reduce-scatter plus one all-gather."""
+    seq, t = seq or cfg.block_size, nanosp.group_size(group)
+    block = nanosp.Block(cfg, group, layer=0).to(device, dtype)
+    _init_for_measurement(block, torch.Generator().manual_seed(cfg.seed))
+    rows_here = seq // t if cfg.sequence_parallel else seq
+    x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
+    with collective_log() as log:
+        y = block(x, nanosp.Forward(shared=nanosp.replicated_through_f(block, group, cfg.sequence_parallel)))
+        y.backward(torch.ones_like(y))
+    return log
+
+
+def ring_bytes_sent(op, nbytes, t):
+    """Bytes one rank sends for a collective of an nbytes message under the ring algorithm."""
+    return (2 if op == "all-reduce" else 1) * (t - 1) * nbytes / t
+
+
+# ----------------------------------------------------------------------------------------------
+# demo: python ledgers.py
+
+
+def _relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def _demo(rank, world, port):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    group, say = dist.group.WORLD, (print if rank == 0 else lambda *a: None)
+
+    # 1. one training step of a t-way model with SP + selective recompute + dropout equals the unsharded step
+    cfg = nanosp.GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=8, n_embd=64, dropout=0.1,
+                           sequence_parallel=True, recompute="selective")
+    plain = nanosp.GPTConfig(**{**cfg.__dict__, "sequence_parallel": False, "recompute": "none"})
+    reference = nanosp.GPT(plain).double()
+    sharded = nanosp.GPT(cfg, group).double()
+    idx = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    (_, loss_ref), (_, loss) = reference(idx, idx), sharded(idx, idx)
+    loss_ref.backward()
+    loss.backward()
+    grads_ref = dict(reference.named_parameters())
+    worst = max(_relative_error(sharded.full_tensor(n, p.grad), grads_ref[n].grad)
+                for n, p in sharded.named_parameters())
+    say(f"t={world}, sequence parallel, selective recompute, dropout 0.1, float64: "
+        f"loss {loss.item():.6f} vs {loss_ref.item():.6f} unsharded; "
+        f"largest relative error of any gradient {worst:.1e}")
+
+    # 2. the paper's Table 2 for one layer at a GPT-3-like ratio 5as/h = 80, bf16
+    cfg = nanosp.GPTConfig(vocab_size=256, block_size=1024, n_layer=1, n_head=8, n_embd=512, dropout=0.1)
+    rows = activation_table(cfg, group, batch=1)
+    say(f"\nactivation bytes per layer: s=1024 b=1 h=512 a=8 t={world} (bf16, measured by saved_tensors_hooks)")
+    say("| configuration | t | measured | Table 2 formula | ratio |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        say(f"| {r['configuration']} | {r['t']} | {r['measured']:,} | {r['formula']:,.0f} | {r['ratio']:.4f} |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_demo, args=(4, port), nprocs=4)
