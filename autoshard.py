@@ -37,10 +37,7 @@ from einops import rearrange
 
 import nanosp
 
-try:  # the measuring instruments, in their own module on newer nanosp
-    from ledgers import measure_activation_bytes, measure_communication, ring_bytes_sent
-except ImportError:
-    from nanosp import measure_activation_bytes, measure_communication, ring_bytes_sent
+from ledgers import measure_activation_bytes, measure_communication, ring_bytes_sent
 
 BYTES = 2  # 16-bit activations and weights, as in the paper's accounting
 BLOCK_INPUT = ("T", "B", "C")  # nanosp lays activations out sequence first
@@ -53,7 +50,7 @@ REGATHER = True  # nanosp's choice: a linear fed by a gather keeps only the shar
 
 def call_block(block, x):
     """The one place that knows Block's forward signature: no dropout, nanosp's plain-PyTorch ops."""
-    return block(x, None, None)
+    return block(x, nanosp.Forward())
 
 
 class _Root(torch.nn.Module):
@@ -558,15 +555,14 @@ class Search:
 # ----------------------------------------------------------------------------------------------
 # 7. nanosp: where it writes each collective by hand, and what its ledger counts
 
-NANOSP_HELPERS = {"f": "copy_to_tp", "f̄": "reduce_from_tp", "ḡ": "reduce_scatter_to_sp",
-                  "g": "LinearWithSequenceGather" if REGATHER else "gather_from_sp"}
+NANOSP_HELPERS = {"f": "f", "f̄": "f_bar", "g": "LinearWithSequenceGather" if REGATHER else "g", "ḡ": "g_bar"}
 
 
-def nanosp_line(module_cls, helper):
-    """(function, line, text) of the first call of `helper` in module_cls.forward, or in a nanosp
-    function that forward calls: where nanosp.py writes that collective. None if nowhere."""
-    called = re.findall(r"(\w+)\(", inspect.getsource(module_cls.forward))
-    for fn in [module_cls.forward] + [getattr(nanosp, n) for n in called if inspect.isfunction(getattr(nanosp, n, None))]:
+def nanosp_line(function, helper):
+    """(function, line, text) of the first call of `helper` in `function` or in a nanosp function it
+    calls: where nanosp.py writes that collective. None if nowhere."""
+    called = re.findall(r"(\w+)\(", inspect.getsource(function))
+    for fn in [function] + [getattr(nanosp, n) for n in called if inspect.isfunction(getattr(nanosp, n, None))]:
         lines, start = inspect.getsourcelines(fn)
         for i, line in enumerate(lines):
             if re.search(rf"\b{helper}(\.apply)?\(", line):
@@ -578,8 +574,10 @@ def where_in_nanosp(df, c):
     """The line of nanosp.py that holds placed collective c (None for a move nanosp never makes)."""
     if c.name not in NANOSP_HELPERS:
         return None
+    if c.value in df.params:  # nanosp reads all the replicated parameters through one f
+        return nanosp_line(nanosp.replicated_through_f, "CopyToTensorParallelRegion")
     module = df.gm.meta["root"].get_submodule("block" + f".{c.module}" * bool(c.module))
-    return nanosp_line(type(module), NANOSP_HELPERS[c.name])
+    return nanosp_line(type(module).forward, NANOSP_HELPERS[c.name])
 
 
 def fake_group(t):
@@ -598,15 +596,19 @@ def nanosp_ledger(cfg, seq, batch, t, sequence_parallel):
     (phase, op, message bytes), and the ring bytes one rank sends."""
     cfg = dataclasses.replace(cfg, sequence_parallel=sequence_parallel)
     log = measure_communication(cfg, fake_group(t), batch, seq, torch.bfloat16, device="meta")
-    ops = {"allreduce": "all-reduce", "allgather": "all-gather", "reduce_scatter": "reduce-scatter"}
-    return (sorted((phase, next(v for k, v in ops.items() if op.startswith(k)), nbytes) for phase, _, op, nbytes in log),
+    return (sorted((phase, op, nbytes) for phase, _, op, nbytes in log),
             sum(ring_bytes_sent(op, nbytes, t) for _, _, op, nbytes in log))
 
 
-def messages(placed):
-    """A placed plan's collectives as the ledger lists them: sorted (phase, op, message bytes)."""
-    return sorted([("forward", op, c.nbytes) for c in placed.collectives for op in c.forward]
-                  + [("backward", op, c.nbytes) for c in placed.collectives for op in c.backward])
+def messages(df, placed):
+    """A placed plan's collectives as nanosp's ledger lists them: sorted (phase, op, message bytes).
+    The gradients of the replicated parameters (each an f) are summed in one all-reduce of one flat
+    buffer, as nanosp's replicated_through_f does: the same ring bytes, fewer messages."""
+    bucket = [c for c in placed.collectives if c.value in df.params and c.name == "f"]
+    rest = [c for c in placed.collectives if c not in bucket]
+    return sorted([("forward", op, c.nbytes) for c in rest for op in c.forward]
+                  + [("backward", op, c.nbytes) for c in rest for op in c.backward]
+                  + [("backward", "all-reduce", sum(c.nbytes for c in bucket))] * bool(bucket))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,16 +662,20 @@ def print_search(search, top):
 def print_placement(search, constraint, title, sequence_parallel):
     df, best = search.df, search.best(constraint)
     print(f"\n#### {title}: the cheapest plan with {constraint}, against nanosp.py\n")
+    bucket = [c for c in best.collectives if c.value in df.params and c.name == "f"]
     rows = []
-    for c in best.collectives:
+    for c in [c for c in best.collectives if c not in bucket[1:]]:
         at = where_in_nanosp(df, c)
         dims = " ".join(d[0] if len(d) == 1 else f"({' '.join(d)})" for d in df.dims[c.value])
-        rows.append((c.name, f"{df.params.get(c.value, c.value)} ({dims})", c.module or "Block", f"{c.src} -> {c.dst}",
-                     " + ".join(c.forward) or "-", " + ".join(c.backward) or "-", f"{c.nbytes:,}",
-                     f"{at[1]} {at[0]}: `{at[2]}`" if at else "-"))
+        tensor, module, nbytes = f"{df.params.get(c.value, c.value)} ({dims})", c.module or "Block", c.nbytes
+        if c in bucket:  # one all-reduce of one flat buffer, as nanosp sums them
+            tensor, module = ", ".join(df.params[b.value] for b in bucket), "the replicated parameters"
+            nbytes = sum(b.nbytes for b in bucket)
+        rows.append((c.name, tensor, module, f"{c.src} -> {c.dst}", " + ".join(c.forward) or "-",
+                     " + ".join(c.backward) or "-", f"{nbytes:,}", f"{at[1]} {at[0]}: `{at[2]}`" if at else "-"))
     table(["", "tensor", "in", "placement", "forward", "backward", "message bytes", "nanosp.py"], rows)
     log, ring = nanosp_ledger(search.cfg, *search.shape[:2], search.t, sequence_parallel)
-    verdict = "equal" if log == messages(best) and ring == best.bytes else "DIFFERENT"
+    verdict = "equal" if log == messages(df, best) and ring == best.bytes else "DIFFERENT"
     print(f"\nBytes one rank sends per layer: {best.bytes:,.0f} placed here, {ring:,.0f} counted by nanosp's "
           f"communication ledger (sequence_parallel={sequence_parallel}); message by message: {verdict}.")
 
