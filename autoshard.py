@@ -362,6 +362,8 @@ def collectives(df, v, p, reads):
         if forward or backward:
             where = df.module[v] if v in df.params or p == "P" else module  # P leaves the op that made it
             name = PAPER.get((forward, backward), f"{'+'.join(forward) or '-'} / {'+'.join(backward) or '-'}")
+            split = next((x[2:-1] for x in (q, p) if x[0] == "S"), BLOCK_INPUT[0])
+            name += f"({split})" * (name in ("g", "ḡ") and split != BLOCK_INPUT[0])  # the paper's are along T
             found.append(Collective(name, v, p, q, forward,
                                     backward + ("all-gather",) * regathers, df.numel[v] * BYTES, where))
     return found
@@ -625,7 +627,7 @@ def summary(df, placed):
     """A plan's collectives in the paper's letters, in graph order; those on parameters counted."""
     acts = [c.name for c in placed.collectives if c.value not in df.params]
     params = [c.name for c in placed.collectives if c.value in df.params]
-    return ", ".join([" ".join(acts)] * bool(acts) + [f"{n}×{params.count(n)} on parameters" for n in dict.fromkeys(params)])
+    return ", ".join([" ".join(acts)] * bool(acts) + [f"{n}×{params.count(n)} on parameters" for n in dict.fromkeys(params)]) or "-"
 
 
 def print_rules():
@@ -644,7 +646,7 @@ def print_rules():
         units = ring_units(Collective("", "", src, dst, forward, backward, 1, ""))
         rows.append((f"{src} -> {dst}", reader, " + ".join(forward) or "- (local)",
                      f"{grad} -> {gradient_placement(src)}: {' + '.join(backward) or '-'}", f"{units} (t-1)/t N",
-                     PAPER.get((forward, backward), "")))
+                     PAPER.get((forward, backward), "") + " (i = T)" * (PAPER.get((forward, backward)) in ("g", "ḡ"))))
     table(["move", "reader split", "forward", "backward", "ring bytes", "name"], rows)
 
 

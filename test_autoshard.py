@@ -148,7 +148,7 @@ def test_a_row_parallel_c_fc_costs_more_and_the_search_says_how_much(search):
     # all-gathered back in backward (2 x 4 N), and its bias is sliced to match (4h elements gathered)
     n = 2 * s * b * h
     assert worse.bytes - megatron.bytes == pytest.approx((t - 1) / t * (-n + 8 * n + 2 * 4 * h), rel=1e-12)
-    assert [c.name for c in worse.collectives if c.value not in search.df.params] == ["f", "f̄", "split", "ḡ", "f̄"]
+    assert [c.name for c in worse.collectives if c.value not in search.df.params] == ["f", "f̄", "split", "ḡ(mlp.c_fc)", "f̄"]
 
 
 # ----------------------------------------------------------------------------------------------
