@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import nanosp
-
 from ledgers import measure_activation_bytes, measure_communication, ring_bytes_sent
 
 BYTES = 2  # 16-bit activations and weights, as in the paper's accounting
@@ -518,6 +517,8 @@ class Search:
     """Every plan for one nanosp block at tensor-parallel size t, placed and ranked."""
 
     def __init__(self, cfg, seq, batch, t):
+        if not (isinstance(t, int) and t >= 1):
+            raise ValueError(f"the tensor-parallel size t={t!r} must be a positive int")
         cfg.check_tensor_parallel(t)
         start = time.perf_counter()
         self.cfg, self.t, self.shape = cfg, t, (seq, batch, cfg.n_embd, cfg.n_head)
@@ -557,7 +558,7 @@ class Search:
 # ----------------------------------------------------------------------------------------------
 # 7. nanosp: where it writes each collective by hand, and what its ledger counts
 
-NANOSP_HELPERS = {"f": "f", "f̄": "f_bar", "g": "LinearWithSequenceGather" if REGATHER else "g", "ḡ": "g_bar"}
+NANOSP_HELPERS = {"f": "f", "f̄": "f_bar", "g": "LinearWithSequenceGather", "ḡ": "g_bar"}  # nanosp fuses g
 
 
 def nanosp_line(function, helper):
@@ -627,7 +628,8 @@ def summary(df, placed):
     """A plan's collectives in the paper's letters, in graph order; those on parameters counted."""
     acts = [c.name for c in placed.collectives if c.value not in df.params]
     params = [c.name for c in placed.collectives if c.value in df.params]
-    return ", ".join([" ".join(acts)] * bool(acts) + [f"{n}×{params.count(n)} on parameters" for n in dict.fromkeys(params)]) or "-"
+    on_params = [f"{n}×{params.count(n)} on parameters" for n in dict.fromkeys(params)]
+    return ", ".join([" ".join(acts)] * bool(acts) + on_params) or "-"
 
 
 def print_rules():
@@ -644,9 +646,10 @@ def print_rules():
         grad = dst if dst != "R" else "P" if reader == "split" else "R"
         forward, backward = move(src, dst), move(grad, gradient_placement(src))
         units = ring_units(Collective("", "", src, dst, forward, backward, 1, ""))
+        name = PAPER.get((forward, backward), "")
         rows.append((f"{src} -> {dst}", reader, " + ".join(forward) or "- (local)",
                      f"{grad} -> {gradient_placement(src)}: {' + '.join(backward) or '-'}", f"{units} (t-1)/t N",
-                     PAPER.get((forward, backward), "") + " (i = T)" * (PAPER.get((forward, backward)) in ("g", "ḡ"))))
+                     name + " (i = T)" * (name in ("g", "ḡ"))))
     table(["move", "reader split", "forward", "backward", "ring bytes", "name"], rows)
 
 
@@ -688,7 +691,10 @@ def main():
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
     cfg = nanosp.GPTConfig(block_size=args.seq, n_layer=1, n_head=args.heads, n_embd=args.hidden)
-    search = Search(cfg, args.seq, args.batch, args.tp)
+    try:
+        search = Search(cfg, args.seq, args.batch, args.tp)
+    except ValueError as e:
+        parser.error(str(e))
     kinds = [op.kind for op in search.df.ops]
     print(f"### autoshard: one nanosp Block, s={args.seq} b={args.batch} h={args.hidden} a={args.heads} t={args.tp}, "
           f"16-bit\n\ntorch.fx traced {len(search.df.gm.graph.nodes)} nodes; {len(kinds)} tensor ops: "

@@ -78,6 +78,12 @@ def test_an_op_without_a_rule_is_an_error_that_names_it(how, name):
         autoshard.Dataflow(fx.symbolic_trace(_Unknown(how)), (4, 2, 8))
 
 
+@pytest.mark.parametrize("t, message", [(0, "must be a positive int"), (3, "n_head=8 is not divisible")])
+def test_a_tensor_parallel_size_that_does_not_fit_is_a_value_error(t, message):
+    with pytest.raises(ValueError, match=message):
+        autoshard.Search(config(32, 64, 8), 32, 2, t)
+
+
 # ----------------------------------------------------------------------------------------------
 # the search finds Megatron and sequence parallelism
 
@@ -148,7 +154,8 @@ def test_a_row_parallel_c_fc_costs_more_and_the_search_says_how_much(search):
     # all-gathered back in backward (2 x 4 N), and its bias is sliced to match (4h elements gathered)
     n = 2 * s * b * h
     assert worse.bytes - megatron.bytes == pytest.approx((t - 1) / t * (-n + 8 * n + 2 * 4 * h), rel=1e-12)
-    assert [c.name for c in worse.collectives if c.value not in search.df.params] == ["f", "f̄", "split", "ḡ(mlp.c_fc)", "f̄"]
+    acts = [c.name for c in worse.collectives if c.value not in search.df.params]
+    assert acts == ["f", "f̄", "split", "ḡ(mlp.c_fc)", "f̄"]  # ḡ along the hidden index, not the sequence
 
 
 # ----------------------------------------------------------------------------------------------
