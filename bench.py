@@ -6,6 +6,7 @@
 1. activation memory per layer, measured beside the paper's Table 2, at t = 1, 2, 4, 8
 2. FLOPs of a training step with none / selective / full recompute, counted beside Appendix A
 3. bytes on the wire per layer for TP and TP+SP, collective by collective
+6. what to recompute for an activation budget: the planner's frontier, GPT-3 175B and a measured nanosp
 4. milliseconds per training step at t = 2 (two gloo CPU processes), beside the paper's Table 4
 5. on CUDA only: the same step times on one GPU, and kernels.benchmark()
 
@@ -29,10 +30,12 @@ import nanosp
 SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12288)
     "full": dict(memory=dict(s=1024, h=512, a=8, b=1),
                  flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
+                 frontier=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=7),
                  cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10)),
     "quick": dict(memory=dict(s=256, h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
+                  frontier=dict(L=3, s=64, h=64, a=8, V=128, b=1),
                   time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3),
                   cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3)),
 }
@@ -187,6 +190,60 @@ def bench_communication(size, groups):
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. what to recompute for a memory budget
+
+
+def frontier(cfg, t, B, T, dtype):
+    """The planner's choice for budgets from no recompute down to full recompute of every layer:
+    the bytes of n layers moved from none to selective, then of n layers from selective to full."""
+    costs, L = ledgers.recompute_costs(cfg, t, B, T, dtype), cfg.n_layer
+    counts = [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]  # (full, selective)
+    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.make_plan(costs, L, *c).activation_bytes)
+             for c in counts]
+    return list(dict.fromkeys(plans))  # in order, without repeats
+
+
+STATIC = {"none": "static: none", "selective": "static: selective (the paper's choice)", "full": "static: full"}
+
+
+def frontier_rows(name, cfg, t, B, T, dtype, V, shown=None, measure_group=None):
+    """One row per plan on the frontier (every `shown`-th, and the static choices), with the
+    recompute overhead as a share of the step's FLOPs; measured by the activation ledger if asked."""
+    step_flops = ledgers.exact_training_flops(B, cfg.n_layer, T, cfg.n_embd, V) / t
+    rows = []
+    for i, plan in enumerate(frontier(cfg, t, B, T, dtype)):
+        static = next((label for m, label in STATIC.items() if plan.modes == (m,) * cfg.n_layer), "")
+        if shown and i % shown and not static:
+            continue
+        row = dict(model=name, plan=str(plan), static=static, activation_bytes=plan.activation_bytes,
+                   recompute_flops=plan.recompute_flops, overhead=plan.recompute_flops / step_flops, measured=None)
+        if measure_group is not False:
+            variant = nanosp.GPTConfig(**{**cfg.__dict__, "recompute": plan.modes})
+            row["measured"] = ledgers.measure_activation_bytes(variant, measure_group, B, T, dtype, paper_bytes=False,
+                                                               n_layer=cfg.n_layer)[0]
+        rows.append(row)
+    return rows
+
+
+def bench_frontier(size, groups):
+    big = PAPER_MODELS[0][1]
+    gpt3 = nanosp.GPTConfig(vocab_size=big["V"], block_size=big["s"], n_layer=big["L"], n_head=96, n_embd=big["h"],
+                            dropout=0.1, sequence_parallel=True)
+    small = config(size, sequence_parallel=True)
+    t = max(groups)
+    rows = frontier_rows(f"GPT-3 175B, t={t}, SP, analytic", gpt3, t, 1, big["s"], torch.bfloat16, big["V"],
+                         shown=12, measure_group=False)
+    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, measured",
+                          small, t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
+    table("6. What to recompute for an activation budget: the planner's choice as the budget shrinks, bf16, "
+          "dropout 0.1; bytes per rank saved by all layers, recompute FLOPs as a share of the step's",
+          ["model", "plan", "", "activation bytes", "measured bytes", "recompute overhead"],
+          [(r["model"], r["plan"], r["static"], f"{r['activation_bytes']:,}",
+            "-" if r["measured"] is None else f"{r['measured']:,}", f"{100 * r['overhead']:.2f}%") for r in rows])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # 4. time per training step (Table 4)
 
 
@@ -311,6 +368,7 @@ def main():
     for name, fn, size_args in (("memory", bench_memory, (sizes["memory"], groups)),
                                 ("flops", bench_flops, (sizes["flops"],)),
                                 ("communication", bench_communication, (sizes["memory"], groups)),
+                                ("frontier", bench_frontier, (sizes["frontier"], groups)),
                                 ("time", bench_time, (sizes["time"],)),
                                 ("cuda", bench_cuda, (sizes["cuda"],))):
         start = time.perf_counter()

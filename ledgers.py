@@ -7,7 +7,9 @@
    tensor-, sequence-parallel and recompute variants.
 2. FLOPs (the paper's Appendix A): one training step counted by FlopCounterMode, beside the exact
    count of the matrix multiplies nanosp runs and the paper's 72BLsh^2(1 + s/6h + V/12hL).
-3. Communication: every collective of one layer, forward and backward, logged by wrapping
+3. What to recompute for a memory budget: every layer's costs known exactly, the per-layer plan
+   with the fewest recomputed FLOPs that fits (`plan_recompute`).
+4. Communication: every collective of one layer, forward and backward, logged by wrapping
    nanosp's collective helpers for the duration of a measurement; bytes per rank under the ring
    algorithm.
 
@@ -15,6 +17,7 @@ s sequence length, b micro-batch, h hidden size, a heads, t tensor-parallel size
 bench.py prints these as tables; the tests hold them to the paper.
 """
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,40 +46,67 @@ def _init_for_measurement(module, gen):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def measure_activation_bytes(cfg, group=None, batch=1, seq=None, dtype=torch.bfloat16, device="cpu"):
-    """The bytes autograd saves for backward during one layer's forward, term by term.
+def layer_activation_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="none", dropout=True,
+                           float_bytes=2):
+    """The bytes one of nanosp's layers saves for backward, term by term, exactly: what
+    measure_activation_bytes counts. With 2-byte floats and dropout on, Table 2 plus LayerNorm's
+    per-row mean and 1/std (8sb). Without dropout the masks are gone and the softmax output is
+    also the dropout output."""
+    shard = t if sequence_parallel else 1  # LayerNorm and dropout see all s rows, or s/t under SP
+    if recompute == "full":
+        return float_bytes * s * b * h // shard  # the layer's input
+    floats = 2 * (s * b * h + 2 * s * b) // shard  # the two LayerNorms' inputs, means and 1/stds
+    floats += 2 * s * b * h // shard  # the inputs of c_attn and c_fc (under SP, their shard)
+    floats += 12 * s * b * h // t  # Q, K, V; c_proj's input; the GeLU's input and output
+    masks = 2 * s * b * h // shard if dropout else 0  # the two residual dropouts
+    if recompute == "none":  # the softmax output, its mask and the dropout output: 5as^2b/t
+        floats += (2 if dropout else 1) * a * s * s * b // t
+        masks += a * s * s * b // t if dropout else 0
+    return float_bytes * floats + masks
 
-    Counted with saved_tensors_hooks: each storage once, floating elements at 2 bytes (as in the
-    paper's 16-bit accounting, whatever dtype runs), bool masks at 1 byte, parameters excluded.
-    Returns (total, rows) with rows [(where, shape, dtype, bytes)]; `where` is the sub-module
-    that was running when the tensor was saved. With kernels.py on CUDA the residual-dropout
-    masks are regenerated rather than stored, and this comes in under the formula.
+
+def measure_activation_bytes(cfg, group=None, batch=1, seq=None, dtype=torch.bfloat16, device="cpu",
+                             paper_bytes=True, n_layer=1):
+    """The bytes autograd saves for backward during the forward of n_layer layers, term by term.
+
+    Counted with saved_tensors_hooks: each storage once, floating elements at 2 bytes as in the
+    paper's 16-bit accounting (paper_bytes=False: at the size of `dtype`), bool masks at 1 byte,
+    parameters excluded. Layer i recomputes as cfg.recompute_of(i) says. Returns (total, rows)
+    with rows [(where, shape, dtype, bytes)]; `where` is the sub-module that was running when the
+    tensor was saved. With kernels.py on CUDA the residual-dropout masks are regenerated rather
+    than stored, and this comes in under the formula.
     """
     seq = seq or cfg.block_size
     t = nanosp.group_size(group)
-    block = nanosp.Block(cfg, group, layer=0).to(device, dtype)
-    _init_for_measurement(block, torch.Generator().manual_seed(cfg.seed))
+    blocks = torch.nn.ModuleList(nanosp.Block(cfg, group, layer) for layer in range(n_layer)).to(device, dtype)
+    _init_for_measurement(blocks, torch.Generator().manual_seed(cfg.seed))
     rows_here = seq // t if cfg.sequence_parallel else seq
     x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
-    parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    parameters = {p.untyped_storage().data_ptr() for p in blocks.parameters()}
     where, saved = ["block input"], {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
             elements = storage.nbytes() // tensor.element_size()
-            nbytes = elements * (2 if tensor.is_floating_point() else tensor.element_size())
+            float_bytes = 2 if paper_bytes else tensor.element_size()
+            nbytes = elements * (float_bytes if tensor.is_floating_point() else tensor.element_size())
             saved[storage.data_ptr()] = (where[0], tuple(tensor.shape), str(tensor.dtype)[6:], nbytes)
         return tensor
 
     hooks = []
-    for name in ("ln_1", "attn", "ln_2", "mlp"):
-        module = getattr(block, name)
-        hooks.append(module.register_forward_pre_hook(lambda *_, n=name: where.__setitem__(0, n)))
-        hooks.append(module.register_forward_hook(lambda *_, n=name: where.__setitem__(0, f"after {n}")))
-    seed = cfg.seed if cfg.dropout > 0 else None
+    for i, block in enumerate(blocks):
+        for name in ("ln_1", "attn", "ln_2", "mlp"):
+            label = name if n_layer == 1 else f"h.{i}.{name}"
+            module = getattr(block, name)
+            hooks.append(module.register_forward_pre_hook(lambda *_, n=label: where.__setitem__(0, n)))
+            hooks.append(module.register_forward_hook(lambda *_, n=label: where.__setitem__(0, f"after {n}")))
+    fwd = nanosp.Forward(nanosp.ops_for(x, cfg), cfg.seed if cfg.dropout > 0 else None,
+                         nanosp.replicated_through_f(blocks, group, cfg.sequence_parallel))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        y = block(x, nanosp.Forward(nanosp.ops_for(x, cfg), seed))
+        y = x
+        for block in blocks:
+            y = block(y, fwd)
     for hook in hooks:
         hook.remove()
     del y
@@ -117,17 +147,24 @@ def paper_training_flops(B, L, s, h, V, recompute="none"):
     return 72 * B * L * s * h**2 * (1 + attention + V / (12 * h * L))
 
 
+def layer_forward_flops(B, s, h):
+    """The matrix multiplies of one layer's forward: QKV 6Bsh^2, QK^T 2Bs^2h, .V 2Bs^2h,
+    projection 2Bsh^2, MLP 16Bsh^2."""
+    return 24 * B * s * h**2 + 4 * B * s**2 * h
+
+
+def recompute_flops(B, s, h, recompute):
+    """What one layer's backward runs again: selective, the forward of QK^T and .V (4Bs^2h);
+    full, the whole forward of the layer. (Divide by t for one rank's share.)"""
+    return {"none": 0, "selective": 4 * B * s**2 * h, "full": layer_forward_flops(B, s, h)}[recompute]
+
+
 def exact_training_flops(B, L, s, h, V, recompute="none"):
-    """The matrix-multiply FLOPs nanosp runs for one training step (forward + backward = 3x forward).
-    A layer's forward: QKV 6Bsh^2, QK^T 2Bs^2h, .V 2Bs^2h, projection 2Bsh^2, MLP 16Bsh^2;
-    the LM head 2BshV. Selective recompute runs QK^T and .V once more, full the whole layer."""
-    layer = 24 * B * s * h**2 + 4 * B * s**2 * h
-    total = 3 * (L * layer + 2 * B * s * h * V)
-    if recompute == "selective":
-        total += L * 4 * B * s**2 * h
-    if recompute == "full":
-        total += L * layer
-    return total
+    """The matrix-multiply FLOPs nanosp runs for one training step (forward + backward = 3x forward,
+    the LM head 2BshV) and its recomputation; `recompute` is a mode, or one per layer."""
+    modes = [recompute] * L if isinstance(recompute, str) else recompute
+    return 3 * (L * layer_forward_flops(B, s, h) + 2 * B * s * h * V) + sum(
+        recompute_flops(B, s, h, m) for m in modes)
 
 
 def count_training_flops(cfg, batch, seq=None):
@@ -144,7 +181,60 @@ def count_training_flops(cfg, batch, seq=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. communication
+# 3. what to recompute, for a memory budget
+#
+# The paper chooses none, selective or full once, for every layer. With every term of both costs
+# known exactly, the choice can be made per layer and per batch shape: the fewest recomputed FLOPs
+# whose activations fit the budget. The layers are alike, so a plan is a count of each mode, and
+# the (L+1)(L+2)/2 counts are few enough to try them all.
+
+
+class RecomputePlan(NamedTuple):
+    modes: tuple  # one per layer: "full" first, then "selective", then "none"
+    activation_bytes: int  # what the layers save, per rank (layer_activation_bytes, summed)
+    recompute_flops: int  # what their backward runs again, per rank
+
+    def __str__(self):
+        counts = [f"{m} x{self.modes.count(m)}" for m in nanosp.RECOMPUTE_MODES if m in self.modes]
+        return ", ".join(counts)
+
+
+def recompute_costs(cfg, t, B, T, dtype):
+    """{mode: (activation bytes, recomputed FLOPs)} of one layer on one rank."""
+    float_bytes = torch.empty((), dtype=dtype).element_size()
+    return {m: (layer_activation_bytes(T, B, cfg.n_embd, cfg.n_head, t, cfg.sequence_parallel, m,
+                                       cfg.dropout > 0, float_bytes), recompute_flops(B, T, cfg.n_embd, m) // t)
+            for m in nanosp.RECOMPUTE_MODES}
+
+
+def make_plan(costs, n_layer, n_full, n_selective):
+    """n_full layers recomputed fully, then n_selective selectively, the rest not at all."""
+    modes = ("full",) * n_full + ("selective",) * n_selective + ("none",) * (n_layer - n_full - n_selective)
+    return RecomputePlan(modes, sum(costs[m][0] for m in modes), sum(costs[m][1] for m in modes))
+
+
+def plan_recompute(cfg, t, B, T, dtype, budget):
+    """The per-layer plan whose activations fit `budget` (bytes per rank, the layers' saved
+    activations) with the fewest recomputed FLOPs, then the fewest bytes. cfg gives the shape and
+    sequence parallelism; B, T the micro-batch; dtype the activations' (masks take 1 byte)."""
+    costs = recompute_costs(cfg, t, B, T, dtype)
+    best = None
+    for n_full in range(cfg.n_layer + 1):
+        for n_selective in range(cfg.n_layer - n_full + 1):
+            plan = make_plan(costs, cfg.n_layer, n_full, n_selective)
+            if plan.activation_bytes <= budget and (
+                    best is None or (plan.recompute_flops, plan.activation_bytes) < (best.recompute_flops, best.activation_bytes)):
+                best = plan
+    if best is None:
+        smallest = cfg.n_layer * costs["full"][0]
+        raise ValueError(f"no recompute plan fits an activation budget of {budget:,} bytes per rank at B={B}, "
+                         f"T={T}, t={t}: the smallest, full recompute of all {cfg.n_layer} layers, needs "
+                         f"{smallest:,}")
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. communication
 
 
 @contextmanager

@@ -14,7 +14,8 @@ The three ideas, and where they live in this file:
    `sequence_parallel=True`.
 3. Selective activation recomputation (same paper). Only the core attention (QK^T, softmax,
    dropout, .V), large to store and cheap to recompute, is recomputed in backward.
-   `recompute="selective"`; `recompute="full"` keeps only each layer's input. Section "recomputation".
+   `recompute="selective"`; `recompute="full"` keeps only each layer's input; a tuple gives each
+   layer its own (ledgers.plan_recompute picks one for a memory budget). Section "recomputation".
 
 Reading order: config, the four collectives, parallel layers, recomputation, the fusable ops,
 attention / MLP / block, GPT, state dicts; then the dropout hash, a detail the model calls.
@@ -31,7 +32,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     sequence_parallel: bool = False
-    recompute: str = "none"  # "none" | "selective" | "full"
+    recompute: Union[str, tuple] = "none"  # "none" | "selective" | "full", or one of them per layer
     seed: int = 0  # seeds the initial weights and the dropout masks
     fused_kernels: bool = True  # use kernels.py when the tensors are on CUDA
 
@@ -69,10 +70,12 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"n_head would fit among {_divisors(self.n_embd)}")
-        if self.recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute={self.recompute!r} is not one of {RECOMPUTE_MODES}")
+        self.recompute = recompute_modes(self.recompute, self.n_layer)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    def recompute_of(self, layer):
+        return self.recompute if isinstance(self.recompute, str) else self.recompute[layer]
 
     def check_tensor_parallel(self, t):
         """Sizes that must divide by the tensor-parallel size t."""
@@ -89,6 +92,21 @@ class GPTConfig:
             fits = " or ".join(str(n) for n in (lower, upper) if 0 < n <= self.block_size)
             raise ValueError(f"sequence length T={T} is not divisible by the tensor-parallel size t={t}, "
                              f"which sequence_parallel needs; T={fits or f'a multiple of {t}'} would fit")
+
+
+def recompute_modes(recompute, n_layer):
+    """A recompute mode, or a tuple of n_layer of them (from any sequence); else a ValueError."""
+    if isinstance(recompute, str):
+        modes = (recompute,)
+    elif isinstance(recompute, (list, tuple)) and len(recompute) == n_layer:
+        modes = recompute = tuple(recompute)
+    else:
+        raise ValueError(f"recompute={recompute!r} must be one of {RECOMPUTE_MODES}, or a list of n_layer="
+                         f"{n_layer} of them")
+    for mode in modes:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute={mode!r} is not one of {RECOMPUTE_MODES}")
+    return recompute
 
 
 def _divisors(n):
@@ -498,7 +516,7 @@ class CausalSelfAttention(nn.Module):
         # contiguous block of the unsharded tensor, starting at element first_head * B T T
         attend = partial(core_attention, ops=fwd.ops, p=self.cfg.dropout,
                          key=fwd.dropout_key(self.layer, SITE_ATTN_PROBS), offset=self.first_head * B * T * T)
-        if self.cfg.recompute == "selective":
+        if self.cfg.recompute_of(self.layer) == "selective":
             y = Recompute.apply(attend, q, k, v)  # keeps Q, K, V; recomputes the s^2 part
         else:
             y = attend(q, k, v)
@@ -528,7 +546,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, group)
 
     def forward(self, x, fwd):
-        if self.cfg.recompute == "full":  # keeps x only (and, under SP, the parameters read through f)
+        if self.cfg.recompute_of(self.layer) == "full":  # keeps x only (and, under SP, the parameters read through f)
             shared = [p for p in self.parameters() if p in fwd.shared]
 
             def layer(x, *params):  # the replay reads the parameters it was given, as inputs
@@ -576,6 +594,10 @@ class GPT(nn.Module):
                            for p, spec in getattr(module, "shard_dims", {}).items()
                            if getattr(module, p, None) is not None}
         self.load_full_state_dict(init_full_state_dict(cfg, self.full_shapes()))
+
+    def set_recompute(self, recompute):
+        """Another recompute plan from the next forward on (a mode, or one per layer)."""
+        self.cfg.recompute = recompute_modes(recompute, self.cfg.n_layer)
 
     def check_input(self, idx, targets):
         """Refuse what would otherwise run silently wrong. One host sync per forward (the id checks)."""

@@ -14,7 +14,7 @@ def test_bench_quick(tmp_path):
     run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
-    for title in ("### 1. Activation memory", "### 2. FLOPs", "### 3a.", "### 3b.", "### 4. Time", "### 5"):
+    for title in ("### 1. Activation memory", "### 2. FLOPs", "### 3a.", "### 3b.", "### 4. Time", "### 5", "### 6."):
         assert title in run.stdout, f"{title!r} missing from:\n{run.stdout}"
     result = json.loads(out.read_text())
 
@@ -33,6 +33,15 @@ def test_bench_quick(tmp_path):
     assert [r["t"] for r in summary] == [2, 4, 8]
     assert all(r["tp_activations"] == r["sp_activations"] > 0 for r in summary)
     assert all(r["sp_regather"] == r["sp_activations"] / 4 for r in summary)  # 2 of 8 sequence collectives
+
+    frontier = result["frontier"]
+    measured = [r for r in frontier if r["measured"] is not None]
+    assert measured and all(r["measured"] == r["activation_bytes"] for r in measured)
+    for model in {r["model"] for r in frontier}:  # bytes fall and recompute FLOPs rise along the frontier
+        rows = [r for r in frontier if r["model"] == model]
+        assert [r["static"].split(":")[-1].split()[0] for r in rows if r["static"]] == ["none", "selective", "full"]
+        assert all(a["activation_bytes"] > b["activation_bytes"] and a["recompute_flops"] < b["recompute_flops"]
+                   for a, b in zip(rows, rows[1:]))
 
     assert [r["config"] for r in result["time"]] == ["TP", "TP+SP", "TP+selective", "TP+SP+selective", "TP+full"]
     assert all(r[column]["ms"] > 0 for r in result["time"] for column in ("dropout 0.1", "dropout 0.0"))

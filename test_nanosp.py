@@ -8,6 +8,7 @@ Tolerances: float64 comparisons are relative to the largest reference element an
 1e-10 (what remains is reduction order, ~1e-15). Byte and FLOP counts are exact integers and are
 compared exactly, except activation bytes against the paper's formula (3%, LayerNorm statistics).
 """
+import itertools
 import math
 import os
 import socket
@@ -191,13 +192,16 @@ def configurations(draw):
     sp = draw(st.booleans())
     n_head = t * draw(st.integers(1, 2))
     seq = t * draw(st.integers(1, 3)) if sp else draw(st.integers(1, 9))
+    n_layer = draw(st.integers(1, 3))
+    mode = st.sampled_from(nanosp.RECOMPUTE_MODES)
+    recompute = draw(mode | st.lists(mode, min_size=n_layer, max_size=n_layer))  # one for all, or per layer
     return dict(
-        t=t, sequence_parallel=sp, recompute=draw(st.sampled_from(nanosp.RECOMPUTE_MODES)),
+        t=t, sequence_parallel=sp, recompute=recompute,
         dropout=draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)), seq=seq,
         block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
         n_embd=n_head * draw(st.sampled_from([2, 4, 8])),
         vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
-        n_layer=draw(st.integers(1, 2)), bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
+        n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +441,9 @@ def test_errors_under_a_group(world):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(n_head=3, n_embd=16), ["n_embd=16", "n_head=3", "[1, 2, 4, 8, 16]"]),
     (dict(recompute="some"), ["recompute='some'", "'selective'"]),
+    (dict(n_layer=2, recompute=["full"]), ["recompute=['full']", "n_layer=2"]),
+    (dict(n_layer=2, recompute=["full", "all"]), ["recompute='all'", "'selective'"]),
+    (dict(recompute=None), ["recompute=None"]),
     (dict(dropout=1.0), ["dropout=1.0", "[0, 1)"]),
     (dict(n_layer=0), ["n_layer=0"]),
 ])
@@ -581,6 +588,119 @@ def test_training_flops_are_counted_exactly():
     assert counted["full"] == round(ledgers.paper_training_flops(B, L, s, h, V, "full"))
     # selective recompute reruns the forward of QK^T and .V: 4Bs^2h per layer
     assert counted["selective"] - counted["none"] == 4 * B * s**2 * h * L
+
+
+def task_layer_bytes(ctx, t, cases):
+    """Every saved byte of n_layer layers, measured, against layer_activation_bytes summed."""
+    results = []
+    for case in cases:
+        cfg = GPTConfig(**case["cfg"])
+        dtype = getattr(torch, case["dtype"])
+        measured, _ = ledgers.measure_activation_bytes(cfg, ctx.group(t) if t > 1 else None, case["batch"], cfg.block_size,
+                                                       dtype, paper_bytes=False, n_layer=cfg.n_layer)
+        expected = sum(ledgers.layer_activation_bytes(cfg.block_size, case["batch"], cfg.n_embd, cfg.n_head, t,
+                                                      cfg.sequence_parallel, cfg.recompute_of(i), cfg.dropout > 0,
+                                                      dtype.itemsize) for i in range(cfg.n_layer))
+        results.append((measured, expected))
+    return results
+
+
+@st.composite
+def layer_shapes(draw, t):
+    n_layer = draw(st.integers(1, 3))
+    n_head = t * draw(st.integers(1, 2))
+    sp = draw(st.booleans())
+    return dict(cfg=dict(vocab_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 8])),
+                         block_size=t * draw(st.integers(1, 6)) if sp else draw(st.integers(1, 12)), sequence_parallel=sp,
+                         dropout=draw(st.sampled_from([0.0, 0.1])),
+                         recompute=draw(st.lists(st.sampled_from(nanosp.RECOMPUTE_MODES), min_size=n_layer, max_size=n_layer))),
+                batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(["bfloat16", "float32", "float64"])))
+
+
+@settings(max_examples=5)
+@given(data=st.data())
+@pytest.mark.parametrize("t", [1, 2, 4])
+def test_layer_activation_bytes_are_exact(world, t, data):
+    """The planner's memory model is not an estimate: it is every byte the layers save."""
+    cases = data.draw(st.lists(layer_shapes(t), min_size=8, max_size=8))
+    for (measured, expected), case in zip(world.run(task_layer_bytes, t=t, cases=cases)[0], cases):
+        assert measured == expected, case
+
+
+def brute_force_plan(costs, n_layer, budget):
+    """Every one of the 3^n_layer plans: the fewest FLOPs that fit, then the fewest bytes."""
+    fits = [(sum(costs[m][1] for m in p), sum(costs[m][0] for m in p))
+            for p in itertools.product(nanosp.RECOMPUTE_MODES, repeat=n_layer)]
+    fits = [c for c in fits if c[1] <= budget]
+    return min(fits) if fits else None
+
+
+@settings(max_examples=200)
+@given(n_layer=st.integers(1, 5), t=st.sampled_from([1, 2, 4, 8]), sp=st.booleans(), dropout=st.sampled_from([0.0, 0.1]),
+       B=st.integers(1, 4), T=st.sampled_from([8, 64, 512, 2048]), h_per_head=st.sampled_from([8, 64, 128]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]), fraction=st.floats(0, 1.2))
+def test_planner_equals_brute_force(n_layer, t, sp, dropout, B, T, h_per_head, dtype, fraction):
+    cfg = GPTConfig(vocab_size=64, block_size=T, n_layer=n_layer, n_head=2 * t, n_embd=2 * t * h_per_head,
+                    sequence_parallel=sp, dropout=dropout)
+    costs = ledgers.recompute_costs(cfg, t, B, T, dtype)
+    most = n_layer * costs["none"][0]
+    budget = int(fraction * most)
+    best = brute_force_plan(costs, n_layer, budget)
+    if best is None:
+        with pytest.raises(ValueError, match=f"needs {n_layer * costs['full'][0]:,}"):
+            ledgers.plan_recompute(cfg, t, B, T, dtype, budget)
+        return
+    plan = ledgers.plan_recompute(cfg, t, B, T, dtype, budget)
+    assert (plan.recompute_flops, plan.activation_bytes) == best
+    assert len(plan.modes) == n_layer and plan.activation_bytes == sum(costs[m][0] for m in plan.modes)
+
+
+def task_plan_is_measured_within_budget(ctx, t, fractions):
+    """Budgets from all-none down to all-full; each chosen plan measured by the activation ledger."""
+    cfg = GPTConfig(vocab_size=16, block_size=64, n_layer=4, n_head=4, n_embd=64, dropout=0.1, sequence_parallel=t > 1)
+    costs = ledgers.recompute_costs(cfg, t, 2, 64, torch.float32)
+    most, least = 4 * costs["none"][0], 4 * costs["full"][0]
+    results = []
+    for budget in [int(least + f * (most - least)) for f in fractions]:
+        plan = ledgers.plan_recompute(cfg, t, 2, 64, torch.float32, budget)
+        variant = GPTConfig(**{**cfg.__dict__, "recompute": plan.modes})
+        measured, _ = ledgers.measure_activation_bytes(variant, ctx.group(t) if t > 1 else None, 2, 64, torch.float32,
+                                                       paper_bytes=False, n_layer=4)
+        results.append((budget, str(plan), plan.activation_bytes, measured))
+    return results
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_chosen_plan_measures_within_budget(world, t):
+    fractions = [1.0, 0.7, 0.45, 0.3, 0.1, 0.02, 0.0]
+    results = world.run(task_plan_is_measured_within_budget, t=t, fractions=fractions)[0]
+    for budget, plan, predicted, measured in results:
+        assert measured == predicted <= budget, (budget, plan)
+    assert len({plan for _, plan, _, _ in results}) >= 4  # the budgets really choose different plans
+
+
+def test_recompute_plans_do_not_change_what_is_learned():
+    """Training with plans that change every step (as the batch length changes) gives the losses and
+    weights of a fixed plan, bit for bit: recomputation replays the same arithmetic."""
+    def train(plans):
+        cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=4, n_embd=32, dropout=0.1, seed=1)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        gen, losses = torch.Generator().manual_seed(0), []
+        for step in range(6):
+            model.set_recompute(plans[step % len(plans)])
+            idx = torch.randint(0, 64, (4, [8, 32, 16][step % 3]), generator=gen)
+            loss = model(idx, idx)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, model.full_state_dict()
+
+    losses, weights = train(["none"])
+    for plans in (["selective"], ["full"], [("full", "selective", "none"), ("none", "none", "full"), "selective"]):
+        other_losses, other_weights = train(plans)
+        assert other_losses == losses and all(torch.equal(other_weights[n], weights[n]) for n in weights), plans
 
 
 def task_communication(ctx):
