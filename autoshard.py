@@ -520,7 +520,7 @@ class Search:
         if not (isinstance(t, int) and t >= 1):
             raise ValueError(f"the tensor-parallel size t={t!r} must be a positive int")
         cfg.check_tensor_parallel(t)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self.cfg, self.t, self.shape = cfg, t, (seq, batch, cfg.n_embd, cfg.n_head)
         self.df = Dataflow.of_block(cfg, seq, batch)
         self.choices = plan_choices(self.df, t)
@@ -537,6 +537,7 @@ class Search:
         for results in self.placed.values():
             results.sort(key=lambda r: (r.bytes, r.param_bytes + r.activation_bytes))
         self.plans, self.seconds = len(self.placed["none"]), time.perf_counter() - start
+        self.cpu_seconds = time.process_time() - cpu
 
     def evaluate(self, plan, constraint="none"):
         """The plan placed at least bytes under the constraint, or None if it cannot meet it."""
@@ -701,7 +702,8 @@ def main():
           + ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) + ".")
     print_rules()
     print(f"\nSearched {search.plans} plans (each weight replicated, or column- or row-parallel along any index t "
-          f"divides; the activation between blocks replicated or split along the sequence) in {search.seconds:.1f} s. "
+          f"divides; the activation between blocks replicated or split along the sequence) in {search.seconds:.1f} s "
+          f"({search.cpu_seconds:.1f} s of CPU). "
           f"MiB one rank sends per layer, forward + backward; parameters and kept activations per rank.")
     print_search(search, args.top)
     print_placement(search, "weights sharded", "Megatron-LM", sequence_parallel=False)
