@@ -182,10 +182,11 @@ def hf_to_nanosp(hf_state_dict, shape, source):
         parts = ([f"missing {listed(missing)}"] if missing else []) + (
             [f"unexpected {listed(unexpected)}"] if unexpected else [])
         raise ValueError(f"{source} does not hold GPT-2 with n_layer={shape['n_layer']}: {'; '.join(parts)}")
+    sized_by = {"wte.weight": ("vocab_size", "n_embd"), "wpe.weight": ("block_size", "n_embd")}
     for key, size in want.items():
         value = weights[key]
         if not value.is_floating_point() or tuple(value.shape) != size:
-            given = {"wte.weight": ("vocab_size", "n_embd"), "wpe.weight": ("block_size", "n_embd")}.get(key, ("n_embd",))
+            given = sized_by.get(key, ("n_embd",))
             raise ValueError(f"{source}: {key} is {tuple(value.shape)} {value.dtype}, but with "
                              f"{', '.join(f'{k}={shape[k]}' for k in given)} it must be a floating {size}")
     if head is not None and not torch.equal(head, weights["wte.weight"]):
