@@ -148,7 +148,7 @@ def batch_seed(seed, step, split):  # train: steps 1.., val: eval iterations 0..
 # set-up: everything is validated before the first collective, so all ranks fail alike
 
 
-def model_config(args, ckpt):
+def model_config(args, ckpt, ckpt_path):
     """The model's shape from --preset and its overrides, or from the checkpoint when there is one."""
     given = dict(PRESETS[args.preset]) if args.preset else {}
     given.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")
@@ -159,7 +159,7 @@ def model_config(args, ckpt):
     if ckpt is not None:  # the checkpoint decides the shape; options that contradict it are errors
         for key in SHAPE_KEYS:
             if key in given and given[key] != ckpt["config"][key]:
-                raise Usage(f"checkpoint {args.ckpt_path} has {key}={ckpt['config'][key]}, but "
+                raise Usage(f"checkpoint {ckpt_path} has {key}={ckpt['config'][key]}, but "
                             f"{key}={given[key]} was given; drop the option or use another --out-dir")
         shape = {k: ckpt["config"][k] for k in SHAPE_KEYS}
     if shape["vocab_size"] < 256:
@@ -168,73 +168,98 @@ def model_config(args, ckpt):
                             recompute=args.recompute)
 
 
-def validate(args, world):
-    """Options and files: returns (cfg, t, dp, checkpoint or None, data, init state dict or None)."""
-    args.ckpt_path = os.path.join(args.from_dir if args.sample else args.out_dir, "ckpt.pt")
+@dataclasses.dataclass
+class Run:
+    """What a run needs, built once by `validate` from the options and the files it reads.
+    The options themselves (`args`) are kept as given."""
+    args: argparse.Namespace
+    cfg: nanosp.GPTConfig
+    t: int                     # tensor-parallel size
+    dp: int                    # data-parallel size
+    rank: int
+    device: torch.device
+    ckpt_path: str             # OUT_DIR/ckpt.pt, or FROM/ckpt.pt when sampling
+    ckpt: dict | None = None   # the checkpoint resumed or sampled from
+    seed: int = 0              # weights, data order, dropout: --seed, or the checkpoint's
+    seq_len: int = 0
+    data: tuple | None = None  # (training bytes, validation bytes)
+    init: dict | None = None   # --init weights, in nanosp's keys
+    tp_group: object = None    # the process groups, set by setup_distributed
+    dp_group: object = None
+
+    @property
+    def dp_rank(self):  # which data-parallel replica this rank belongs to
+        return self.rank // self.t
+
+    @property
+    def rows(self):  # sequences per micro-step per data-parallel replica
+        return self.args.batch_size // (self.dp * self.args.grad_accum)
+
+
+def validate(args, world, rank):
+    """Checks the options and reads the files; returns the Run."""
+    ckpt_path = os.path.join(args.from_dir if args.sample else args.out_dir, "ckpt.pt")
     ckpt = None
-    if args.sample and not os.path.isfile(args.ckpt_path):
-        raise Usage(f"--from {args.from_dir}: no checkpoint {args.ckpt_path}")
-    if args.sample or (args.resume and os.path.isfile(args.ckpt_path)):
-        ckpt = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
-    cfg = model_config(args, ckpt)
+    if args.sample and not os.path.isfile(ckpt_path):
+        raise Usage(f"--from {args.from_dir}: no checkpoint {ckpt_path}")
+    if args.sample or (args.resume and os.path.isfile(ckpt_path)):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = model_config(args, ckpt, ckpt_path)
     t = args.tp or world
     if t < 1 or world % t:
         divisors = [d for d in range(1, world + 1) if world % d == 0]
         raise Usage(f"--tp {t} does not divide the world size {world}; --tp would fit among {divisors}")
     cfg.check_tensor_parallel(t)
     dp = world // t
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and "RANK" in os.environ:  # one GPU per process: LOCAL_RANK's
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    run = Run(args, cfg, t, dp, rank, torch.device(device), ckpt_path, ckpt)
     if args.sample:
-        return cfg, t, dp, ckpt, None, None
-    args.seed = cfg.seed  # the checkpoint's when resuming
+        return run
+    run.seed = cfg.seed  # the checkpoint's when resuming
     for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval"):
         if getattr(args, name) < 1:
             raise Usage(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    seq_len = args.seq_len = args.seq_len or cfg.block_size
-    if seq_len > cfg.block_size:
-        raise Usage(f"--seq-len {seq_len} exceeds the block size {cfg.block_size}; "
-                    f"use --seq-len <= {cfg.block_size} or --block-size >= {seq_len}")
-    if cfg.sequence_parallel and seq_len % t:
-        raise Usage(f"--seq-len {seq_len} is not divisible by --tp {t}, which --sequence-parallel "
-                    f"needs; {max(t, seq_len // t * t)} would fit")
+    run.seq_len = args.seq_len or cfg.block_size
+    try:
+        cfg.check_sequence(run.seq_len, t)
+    except ValueError as e:
+        raise Usage(f"--seq-len {run.seq_len}: {e}") from None
     if args.batch_size % (dp * args.grad_accum):
         raise Usage(f"--batch-size {args.batch_size} is not divisible by dp * grad-accum = {dp} * "
                     f"{args.grad_accum}; a multiple of {dp * args.grad_accum} would fit")
-    data = load_bytes(args.data)
-    if min(len(data[0]), len(data[1])) <= seq_len:
-        raise Usage(f"{args.data or 'the stdlib sources'}: {len(data[1])} validation bytes, "
-                    f"--seq-len {seq_len} needs more")
-    init = None
+    run.data = load_bytes(args.data)
+    if min(len(run.data[0]), len(run.data[1])) <= run.seq_len:
+        raise Usage(f"{args.data or 'the stdlib sources'}: {len(run.data[1])} validation bytes, "
+                    f"--seq-len {run.seq_len} needs more")
     if args.init and ckpt is None:
         kind, _, path = args.init.partition(":")
         if kind != "gpt2" or not os.path.isfile(path):
             raise Usage(f"--init {args.init}: expected gpt2:PATH of an existing file")
-        init = gpt2_to_nanosp(torch.load(path, map_location="cpu", weights_only=True), cfg.n_layer)
+        run.init = gpt2_to_nanosp(torch.load(path, map_location="cpu", weights_only=True), cfg.n_layer)
         needs = {"wte.weight": (cfg.vocab_size, cfg.n_embd), "wpe.weight": (cfg.block_size, cfg.n_embd)}
         for key, want in needs.items():  # (n_head cannot be read off the weights)
-            if key in init and tuple(init[key].shape) != want:
-                raise Usage(f"--init {args.init}: {key} is {tuple(init[key].shape)}, the model needs {want}; "
-                            f"check --preset, --n-embd, --block-size")
-    return cfg, t, dp, ckpt, data, init
+            if key in run.init and tuple(run.init[key].shape) != want:
+                raise Usage(f"--init {args.init}: {key} is {tuple(run.init[key].shape)}, the model needs "
+                            f"{want}; check --preset, --n-embd, --block-size")
+    return run
 
 
-def setup_distributed(args, t, dp):
-    """Returns (rank, device, TP group or None, DP group or None, DP rank)."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def setup_distributed(run):
+    """Joins the torchrun world and makes the process groups (none for a single process)."""
     if "RANK" not in os.environ:  # plain `python train.py`: one process, no torch.distributed
-        return 0, torch.device(device), None, None, 0
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            timeout=timedelta(seconds=args.timeout))
-    world = t * dp
+        return
+    if run.device.type == "cuda":
+        torch.cuda.set_device(run.device)
+    dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=run.args.timeout))
+    t, dp, world = run.t, run.dp, run.t * run.dp
     # every rank creates every group, in the same order
     tp_groups = [dist.new_group(list(range(d * t, d * t + t))) for d in range(dp)]
     dp_groups = [dist.new_group(list(range(r, world, t))) for r in range(t)]
-    tp_group = tp_groups[rank // t] if t > 1 else None
-    dp_group = dp_groups[rank % t] if dp > 1 else None
-    return rank, torch.device(device), tp_group, dp_group, rank // t
+    run.tp_group = tp_groups[run.rank // t] if t > 1 else None
+    run.dp_group = dp_groups[run.rank % t] if dp > 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,16 +360,17 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
-def save_checkpoint(model, masters, optimizer, step, args, rank, dp_rank):
+def save_checkpoint(run, model, masters, optimizer, step):
     """The master weights (float32 under bfloat16), unsharded: model.full_state_dict() of them."""
-    if dp_rank != 0:  # DP replicas hold the same weights: only replica 0's TP group gathers
+    if run.dp_rank != 0:  # DP replicas hold the same weights: only replica 0's TP group gathers
         return
     weights = {name: model.full_tensor(name, p.detach()).cpu() for name, p in masters.items()}
+    options = {**vars(run.args), "seed": run.seed, "seq_len": run.seq_len}  # as this run used them
     ckpt = {"model": weights, "optimizer": optimizer_state(model, masters, optimizer),
-            "step": step, "config": dataclasses.asdict(model.cfg), "args": vars(args),
+            "step": step, "config": dataclasses.asdict(model.cfg), "args": options,
             "forward_count": model.forward_count}
-    if rank == 0:
-        save_atomic(ckpt, args.ckpt_path)
+    if run.rank == 0:
+        save_atomic(ckpt, run.ckpt_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,19 +384,18 @@ def peak_memory(device):
 
 
 @torch.no_grad()
-def evaluate(model, data, args, dp, dp_rank, dp_group):
+def evaluate(run, model):
     """Mean loss over --eval-iters fixed validation batches (the same at every step)."""
-    rows = args.batch_size // (dp * args.grad_accum)
+    rows, lo = run.rows, run.dp_rank * run.rows  # this replica's slice of each batch
     model.eval()
-    losses = torch.zeros(args.eval_iters, dtype=torch.float64, device=model.wte.weight.device)
-    for i in range(args.eval_iters):
-        x, y = get_batch(data, rows * dp, args.seq_len, batch_seed(args.seed, i, "val"))
-        x, y = x[dp_rank * rows:(dp_rank + 1) * rows], y[dp_rank * rows:(dp_rank + 1) * rows]
-        losses[i] = model(x.to(losses.device), y.to(losses.device))[1]
-    if dp_group is not None:
-        dist.all_reduce(losses, group=dp_group)
+    losses = torch.zeros(run.args.eval_iters, dtype=torch.float64, device=run.device)
+    for i in range(run.args.eval_iters):
+        x, y = get_batch(run.data[1], rows * run.dp, run.seq_len, batch_seed(run.seed, i, "val"))
+        losses[i] = model(x[lo:lo + rows].to(run.device), y[lo:lo + rows].to(run.device))[1]
+    if run.dp_group is not None:
+        dist.all_reduce(losses, group=run.dp_group)
     model.train()
-    return losses.mean().item() / dp
+    return losses.mean().item() / run.dp
 
 
 def build_model(cfg, tp_group, device, dtype, state_dict):
@@ -392,16 +417,16 @@ def build_model(cfg, tp_group, device, dtype, state_dict):
     return model.to(dtype), masters
 
 
-def train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank, dp_group):
-    """One optimizer step on the global batch (x_all, y_all); returns (mean loss, gradient norm)."""
+def train_step(run, model, masters, optimizer, step):
+    """One optimizer step on the global batch of `step`; returns (mean loss, gradient norm)."""
+    args, dp, dp_rank, rows = run.args, run.dp, run.dp_rank, run.rows
+    x_all, y_all = get_batch(run.data[0], args.batch_size, run.seq_len, batch_seed(run.seed, step, "train"))
     params = list(model.parameters())  # in the order of masters
-    rows = args.batch_size // (dp * args.grad_accum)  # sequences per micro-step per replica
     loss_sum = 0.0
     for micro in range(args.grad_accum):
         lo = (micro * dp + dp_rank) * rows  # this replica's slice of this micro-step
         model.forward_count = ((step - 1) * args.grad_accum + micro) * dp + dp_rank  # dropout key
-        device = params[0].device
-        loss = model(x_all[lo:lo + rows].to(device), y_all[lo:lo + rows].to(device))[1]
+        loss = model(x_all[lo:lo + rows].to(run.device), y_all[lo:lo + rows].to(run.device))[1]
         (loss / args.grad_accum).backward()
         loss_sum = loss_sum + loss.detach()
     # the data-parallel all-reduce: every local gradient and the loss, one flat buffer (DDP would
@@ -410,8 +435,8 @@ def train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank,
     master_list = list(masters.values())
     dtype = master_list[0].dtype
     flat = torch.cat([p.grad.reshape(-1).to(dtype) for p in params] + [(loss_sum / args.grad_accum).reshape(1)])
-    if dp_group is not None:
-        dist.all_reduce(flat, group=dp_group)
+    if run.dp_group is not None:
+        dist.all_reduce(flat, group=run.dp_group)
         flat /= dp
     for p, master, g in zip(params, master_list, flat[:-1].split([p.numel() for p in params])):
         p.grad = None
@@ -428,44 +453,44 @@ def train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank,
     return flat[-1], norm
 
 
-def train(args, cfg, t, dp, ckpt, data, init):
-    rank, device, tp_group, dp_group, dp_rank = setup_distributed(args, t, dp)
-    model, masters = build_model(cfg, tp_group, device, getattr(torch, args.dtype),
-                                 ckpt["model"] if ckpt else init)
+def train(run):
+    args, cfg, ckpt = run.args, run.cfg, run.ckpt
+    setup_distributed(run)
+    model, masters = build_model(cfg, run.tp_group, run.device, getattr(torch, args.dtype),
+                                 ckpt["model"] if ckpt else run.init)
     optimizer, start = make_optimizer(masters, args), 0
     if ckpt is not None:
         load_optimizer_state(model, masters, optimizer, ckpt["optimizer"])
         start, model.forward_count = ckpt["step"], ckpt["forward_count"]
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = print if run.rank == 0 else (lambda *a, **k: None)
     if args.resume:
-        say(f"resuming from {args.ckpt_path} at step {start}" if ckpt else
-            f"--resume: no checkpoint at {args.ckpt_path}, starting fresh")
+        say(f"resuming from {run.ckpt_path} at step {start}" if ckpt else
+            f"--resume: no checkpoint at {run.ckpt_path}, starting fresh")
     os.makedirs(args.out_dir, exist_ok=True)
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a" if ckpt else "w") if rank == 0 else None
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a" if ckpt else "w") if run.rank == 0 else None
     stop = min(args.max_steps, args.stop_after or args.max_steps)
-    say(f"tp={t} dp={dp} sequence_parallel={cfg.sequence_parallel} recompute={cfg.recompute}, "
-        f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {args.seq_len} tokens in "
-        f"{args.grad_accum} micro-steps, {device}, {args.dtype}")
+    say(f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={cfg.recompute}, "
+        f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {run.seq_len} tokens in "
+        f"{args.grad_accum} micro-steps, {run.device}, {args.dtype}")
     timer, timed_steps = 0.0, 0
     for step in range(start + 1, stop + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x_all, y_all = get_batch(data[0], args.batch_size, args.seq_len, batch_seed(args.seed, step, "train"))
-        loss, norm = train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank, dp_group)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        loss, norm = train_step(run, model, masters, optimizer, step)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
         timer, timed_steps = timer + time.perf_counter() - t0, timed_steps + 1
 
         val = None
         if (args.eval_interval and step % args.eval_interval == 0) or step == stop:
-            val = evaluate(model, data[1], args, dp, dp_rank, dp_group)
+            val = evaluate(run, model)
         if step % args.log_interval == 0 or val is not None or step == start + 1:
             ms = 1000 * timer / timed_steps  # mean over the steps since the last line
             record = {"step": step, "loss": loss.item(), "val_loss": val, "lr": lr, "grad_norm": norm.item(),
-                      "tokens_per_s": args.batch_size * args.seq_len / (ms / 1000), "ms": ms,
-                      "mem_bytes": peak_memory(device), "tp": t, "dp": dp,
+                      "tokens_per_s": args.batch_size * run.seq_len / (ms / 1000), "ms": ms,
+                      "mem_bytes": peak_memory(run.device), "tp": run.t, "dp": run.dp,
                       "sequence_parallel": cfg.sequence_parallel, "recompute": cfg.recompute}
             timer, timed_steps = 0.0, 0
             if log:
@@ -473,9 +498,9 @@ def train(args, cfg, t, dp, ckpt, data, init):
                 log.flush()
                 say(progress_line(record, args.max_steps), flush=True)
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == stop:
-            save_checkpoint(model, masters, optimizer, step, args, rank, dp_rank)
+            save_checkpoint(run, model, masters, optimizer, step)
     if start >= stop:
-        say(f"{args.ckpt_path} is already at step {start} >= {stop}: nothing to do")
+        say(f"{run.ckpt_path} is already at step {start} >= {stop}: nothing to do")
     if log:
         log.close()
 
@@ -492,12 +517,13 @@ def progress_line(r, max_steps):
 
 
 @torch.no_grad()
-def sample(args, cfg, t, dp, ckpt):
+def sample(run):
     """Every rank samples with the same generator; logits are identical on every rank, so the
     tokens agree without a broadcast. Rank 0 prints."""
-    cfg = dataclasses.replace(cfg, sequence_parallel=False, dropout=0.0)  # any prompt length
-    rank, device, tp_group, _, _ = setup_distributed(args, t, dp)
-    model = build_model(cfg, tp_group, device, torch.float32, ckpt["model"])[0].eval()
+    args, device = run.args, run.device
+    cfg = dataclasses.replace(run.cfg, sequence_parallel=False, dropout=0.0)  # any prompt length
+    setup_distributed(run)
+    model = build_model(cfg, run.tp_group, device, torch.float32, run.ckpt["model"])[0].eval()
     gen = torch.Generator().manual_seed(args.seed or 0)
     idx = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
     for _ in range(args.max_new_tokens):
@@ -511,7 +537,7 @@ def sample(args, cfg, t, dp, ckpt):
                 logits[logits < kth] = -float("inf")
             token = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
         idx = torch.cat([idx, token.to(device)[None]], dim=1)
-    if rank == 0:
+    if run.rank == 0:
         print(bytes(idx[0].tolist()).decode(errors="replace"))
 
 
@@ -529,14 +555,14 @@ def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
-        cfg, t, dp, ckpt, data, init = validate(args, world)
+        run = validate(args, world, rank)
     except (Usage, ValueError) as e:
         fail(e, rank)
     try:
         if args.sample:
-            sample(args, cfg, t, dp, ckpt)
+            sample(run)
         else:
-            train(args, cfg, t, dp, ckpt, data, init)
+            train(run)
     except Usage as e:
         fail(e, rank)
     finally:
