@@ -26,9 +26,18 @@ What to look for:
   steps, rounded back into the model after each step. Checkpoints hold the float32 masters.
 - Tokens are bytes (vocab 256) even for --init gpt2:PATH: GPT-2's first 256 token ids are reused
   as bytes, and sampling is restricted to them.
+- Failing safely. Every option and every file read is checked before any work, on every rank
+  alike: a bad one is one line on stderr and exit code 2. A run never overwrites another: an
+  --out-dir that holds one is refused unless --resume continues it, and --out-dir is proven
+  writable before the first step. Every process group waits at most --timeout seconds for a
+  collective, so a rank that stops answering ends the run with one line (exit code 1); torchrun
+  then ends the other ranks (one that is stopped, SIGSTOP, only after its 30 s grace). A failed
+  checkpoint write keeps the previous checkpoint.
 """
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -55,13 +64,24 @@ MULTI_NODE = """multi-node (run on every node, same --master-addr, --node-rank 0
       train.py --preset gpt2 --tp 8 --sequence-parallel --recompute selective --dtype bfloat16"""
 
 
-class Usage(Exception):
-    """A bad option or file: printed as one line by rank 0, exit code 2, on every rank alike."""
+class Failure(Exception):
+    """A run that cannot go on (a collective timed out, a write failed): one line, exit code 1."""
+    code = 1
+
+
+class Usage(Failure):
+    """A bad option or file: one line, exit code 2, on every rank alike."""
+    code = 2
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line like every other error here, not the whole usage
+        raise Usage(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=MULTI_NODE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], epilog=MULTI_NODE,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", choices=PRESETS, help="model shape (default tiny)")
     for name in ("n-layer", "n-head", "n-embd", "block-size"):
@@ -74,7 +94,8 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=16, help="global sequences per optimizer step")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--seq-len", type=int, help="default: the block size")
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=1e-3, help="peak learning rate; 0 = no update (the checkpoint keeps the "
+      "initial weights, e.g. --init's)")
     a("--min-lr", type=float, help="end of the cosine decay (default lr/10)")
     a("--warmup-steps", type=int, default=10)
     a("--max-steps", "--steps", dest="max_steps", type=int, default=200, help="length of the schedule")
@@ -86,8 +107,9 @@ def parse_args(argv=None):
       help="of the model; bfloat16 keeps float32 master weights and AdamW state")
     a("--device", help="cpu or cuda (default: cuda if available); cuda uses NCCL and LOCAL_RANK")
     a("--timeout", type=float, default=120,
-      help="seconds before a stuck collective fails; must exceed a checkpoint write (rank 0 writes, the rest wait)")
-    a("--out-dir", default="out")
+      help="seconds any process group waits for a collective before the run fails; must exceed a "
+      "checkpoint write (rank 0 writes, the rest wait)")
+    a("--out-dir", default="out", help="for ckpt.pt and log.jsonl; one that holds a run needs --resume")
     a("--eval-interval", type=int, default=50)
     a("--eval-iters", type=int, default=10)
     a("--log-interval", type=int, default=10)
@@ -100,7 +122,7 @@ def parse_args(argv=None):
     a("--prompt", default="\n")
     a("--max-new-tokens", type=int, default=200)
     a("--temperature", type=float, default=0.8, help="0 = greedy")
-    a("--top-k", type=int, default=50)
+    a("--top-k", type=int, default=50, help="sample among the k likeliest bytes; 0 = off")
     return p.parse_args(argv)
 
 
@@ -110,10 +132,13 @@ def parse_args(argv=None):
 
 def load_bytes(path, cap=8 << 20):
     if path:
-        if not os.path.isfile(path):
-            raise Usage(f"--data {path}: no such file")
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:  # no such file, a directory, permission denied
+            raise Usage(f"--data {path}: {e.strerror.lower()}") from None
+        if not data:
+            raise Usage(f"--data {path} is empty")
     else:  # the stdlib's own *.py files, sorted by path, without site-packages
         root, paths = sysconfig.get_paths()["stdlib"], []
         for d, dirs, files in os.walk(root):
@@ -145,10 +170,99 @@ def batch_seed(seed, step, split):  # train: steps 1.., val: eval iterations 0..
 
 
 # ----------------------------------------------------------------------------------------------
-# set-up: everything is validated before the first collective, so all ranks fail alike
+# set-up: every option and file is checked before any work, so all ranks fail alike
 
 
-def model_config(args, ckpt):
+def check_options(args):
+    """Every number in its range, before anything is read; one line each."""
+    def need(name, ok, fits):
+        value = getattr(args, name)
+        if value is not None and not ok(value):  # (a NaN fails every comparison, so every check)
+            raise Usage(f"--{name.replace('_', '-')} {value} {fits}")
+
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "tp", "batch_size", "grad_accum", "seq_len",
+                 "max_steps", "stop_after", "eval_iters", "log_interval", "max_new_tokens"):
+        need(name, lambda v: v >= 1, "must be at least 1")
+    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "top_k"):
+        need(name, lambda v: v >= 0, "must be at least 0")
+    for name in ("lr", "weight_decay", "grad_clip", "temperature"):
+        need(name, lambda v: 0 <= v < math.inf, "must be a finite number >= 0")
+    need("min_lr", lambda v: 0 <= v <= args.lr, f"must be in [0, --lr {args.lr}]")
+    need("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    need("timeout", lambda v: 0 < v <= 86400, "must be in (0, 86400] seconds")
+    need("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
+    if args.sample and not args.prompt:
+        raise Usage('--prompt "" is empty: sampling continues at least one byte, e.g. --prompt "\\n"')
+
+
+def pick_device(args):
+    """--device, checked: cpu or an available cuda; under torchrun, cuda means GPU LOCAL_RANK."""
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Usage(f"--device {name} is not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise Usage(f"--device {name}: train.py runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Usage(f"--device {name}: CUDA is not available here; use --device cpu")
+        if "RANK" in os.environ:  # one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise Usage(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def load_file(path, name):
+    """torch.load with weights_only=True (tensors and plain containers, never code). A file that
+    cannot be loaded is one line with its `name`; torch.load's own message is about its internals."""
+    if os.path.isdir(path):
+        raise Usage(f"{name} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise Usage(f"{name}: no such file")
+    if os.path.getsize(path) == 0:
+        raise Usage(f"{name} is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file fails in a dozen ways (zip, pickle, struct, unicode, EOF)
+        raise Usage(f"{name} cannot be loaded: it is not a whole torch.save file of tensors "
+                    f"(truncated, damaged, or holding objects that weights_only=True refuses)") from None
+
+
+def is_tensor_dict(d):
+    return isinstance(d, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in d.items())
+
+
+def check_checkpoint(ckpt, path):
+    """What save_checkpoint writes: weights, AdamW state of the same shapes, step, config."""
+    def bad(why):
+        raise Usage(f"checkpoint {path} {why}; it is not one that train.py wrote")
+
+    if not isinstance(ckpt, dict):
+        bad(f"holds a {type(ckpt).__name__}, not a dict")
+    missing = [k for k in ("model", "optimizer", "step", "config", "forward_count") if k not in ckpt]
+    if missing:
+        bad(f"has no {', '.join(missing)}")
+    if not is_tensor_dict(ckpt["model"]):
+        bad("has 'model' that is not a {name: tensor} dict")
+    config = ckpt["config"]
+    if not isinstance(config, dict) or any(not isinstance(config.get(k), int) for k in SHAPE_KEYS):
+        bad(f"has 'config' without the integers {', '.join(SHAPE_KEYS)}")
+    for key in ("step", "forward_count"):
+        if not isinstance(ckpt[key], int) or ckpt[key] < 0:
+            bad(f"has {key}={ckpt[key]!r}, not an integer >= 0")
+    optimizer, model = ckpt["optimizer"], ckpt["model"]
+    if not isinstance(optimizer, dict):
+        bad("has 'optimizer' that is not a dict")
+    for name, s in optimizer.items():
+        if (name not in model or not isinstance(s, dict) or not isinstance(s.get("step"), (int, float))
+                or any(not torch.is_tensor(s.get(k)) or s[k].shape != model[name].shape
+                       for k in ("exp_avg", "exp_avg_sq"))):
+            bad(f"has AdamW state for {name!r} that does not match its weight")
+
+
+def model_config(args, ckpt, ckpt_path):
     """The model's shape from --preset and its overrides, or from the checkpoint when there is one."""
     given = dict(PRESETS[args.preset]) if args.preset else {}
     given.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")
@@ -159,82 +273,162 @@ def model_config(args, ckpt):
     if ckpt is not None:  # the checkpoint decides the shape; options that contradict it are errors
         for key in SHAPE_KEYS:
             if key in given and given[key] != ckpt["config"][key]:
-                raise Usage(f"checkpoint {args.ckpt_path} has {key}={ckpt['config'][key]}, but "
+                raise Usage(f"checkpoint {ckpt_path} has {key}={ckpt['config'][key]}, but "
                             f"{key}={given[key]} was given; drop the option or use another --out-dir")
         shape = {k: ckpt["config"][k] for k in SHAPE_KEYS}
     if shape["vocab_size"] < 256:
         raise Usage(f"vocab_size={shape['vocab_size']} cannot hold the 256 byte values")
-    return nanosp.GPTConfig(**shape, dropout=args.dropout, sequence_parallel=args.sequence_parallel,
-                            recompute=args.recompute)
+    try:
+        return nanosp.GPTConfig(**shape, dropout=args.dropout, sequence_parallel=args.sequence_parallel,
+                                recompute=args.recompute)
+    except ValueError as e:
+        raise Usage(f"checkpoint {ckpt_path}: {e}" if ckpt is not None else e) from None
 
 
-def validate(args, world):
-    """Options and files: returns (cfg, t, dp, checkpoint or None, data, init state dict or None)."""
-    args.ckpt_path = os.path.join(args.from_dir if args.sample else args.out_dir, "ckpt.pt")
-    ckpt = None
-    if args.sample and not os.path.isfile(args.ckpt_path):
-        raise Usage(f"--from {args.from_dir}: no checkpoint {args.ckpt_path}")
-    if args.sample or (args.resume and os.path.isfile(args.ckpt_path)):
-        ckpt = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
-    cfg = model_config(args, ckpt)
+def load_init(args, cfg):
+    """--init gpt2:PATH: a Hugging Face GPT-2 state dict, in nanosp's keys."""
+    kind, _, path = args.init.partition(":")
+    if kind != "gpt2" or not path:
+        raise Usage(f"--init {args.init}: expected gpt2:PATH")
+    hf = load_file(path, f"--init {args.init}")
+    if not is_tensor_dict(hf):
+        raise Usage(f"--init {args.init} holds a {type(hf).__name__}, not a {{name: tensor}} GPT-2 state dict")
+    try:
+        init = gpt2_to_nanosp(hf, cfg.n_layer)
+    except ValueError as e:
+        raise Usage(f"--init {args.init}: {e}") from None
+    needs = {"wte.weight": (cfg.vocab_size, cfg.n_embd), "wpe.weight": (cfg.block_size, cfg.n_embd)}
+    for key, want in needs.items():  # (n_head cannot be read off the weights)
+        if key in init and tuple(init[key].shape) != want:
+            raise Usage(f"--init {args.init}: {key} is {tuple(init[key].shape)}, the model needs "
+                        f"{want}; check --preset, --n-embd, --block-size")
+    return init
+
+
+def check_out_dir(args, resuming):
+    """--out-dir exists (made if need be), is writable, and holds no other run."""
+    out = args.out_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise Usage(f"--out-dir {out} cannot be created: {e.strerror.lower()}") from None
+    held = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out, name))]
+    if held and not resuming:
+        raise Usage(f"--out-dir {out} already holds a run ({', '.join(held)}); continue it with --resume, "
+                    f"or choose another --out-dir")
+    try:
+        with tempfile.TemporaryFile(dir=out) as f:  # a write, not a permission bit: root ignores those
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise Usage(f"--out-dir {out} is not writable: {e.strerror.lower()}") from None
+
+
+@dataclasses.dataclass
+class Run:
+    """What a run needs, built once by `validate` from the options and the files it reads.
+    The options themselves (`args`) are kept as given."""
+    args: argparse.Namespace
+    cfg: nanosp.GPTConfig
+    t: int                     # tensor-parallel size
+    dp: int                    # data-parallel size
+    rank: int
+    device: torch.device
+    ckpt_path: str             # OUT_DIR/ckpt.pt, or FROM/ckpt.pt when sampling
+    ckpt: dict | None = None   # the checkpoint resumed or sampled from
+    seed: int = 0              # weights, data order, dropout: --seed, or the checkpoint's
+    seq_len: int = 0
+    data: tuple | None = None  # (training bytes, validation bytes)
+    init: dict | None = None   # --init weights, in nanosp's keys
+    tp_group: object = None    # the process groups, set by setup_distributed
+    dp_group: object = None
+
+    @property
+    def dp_rank(self):  # which data-parallel replica this rank belongs to
+        return self.rank // self.t
+
+    @property
+    def rows(self):  # sequences per micro-step per data-parallel replica
+        return self.args.batch_size // (self.dp * self.args.grad_accum)
+
+
+def validate(args, world, rank):
+    """Checks the options and reads the files; returns the Run. Cheap checks first; the last one
+    makes --out-dir, so a run refused for any other reason leaves nothing behind."""
+    check_options(args)
+    device = pick_device(args)
     t = args.tp or world
-    if t < 1 or world % t:
+    if world % t:
         divisors = [d for d in range(1, world + 1) if world % d == 0]
         raise Usage(f"--tp {t} does not divide the world size {world}; --tp would fit among {divisors}")
-    cfg.check_tensor_parallel(t)
     dp = world // t
-    if args.sample:
-        return cfg, t, dp, ckpt, None, None
-    args.seed = cfg.seed  # the checkpoint's when resuming
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval"):
-        if getattr(args, name) < 1:
-            raise Usage(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    seq_len = args.seq_len = args.seq_len or cfg.block_size
-    if seq_len > cfg.block_size:
-        raise Usage(f"--seq-len {seq_len} exceeds the block size {cfg.block_size}; "
-                    f"use --seq-len <= {cfg.block_size} or --block-size >= {seq_len}")
-    if cfg.sequence_parallel and seq_len % t:
-        raise Usage(f"--seq-len {seq_len} is not divisible by --tp {t}, which --sequence-parallel "
-                    f"needs; {max(t, seq_len // t * t)} would fit")
     if args.batch_size % (dp * args.grad_accum):
         raise Usage(f"--batch-size {args.batch_size} is not divisible by dp * grad-accum = {dp} * "
                     f"{args.grad_accum}; a multiple of {dp * args.grad_accum} would fit")
-    data = load_bytes(args.data)
-    if min(len(data[0]), len(data[1])) <= seq_len:
-        raise Usage(f"{args.data or 'the stdlib sources'}: {len(data[1])} validation bytes, "
-                    f"--seq-len {seq_len} needs more")
-    init = None
+    ckpt_path = os.path.join(args.from_dir if args.sample else args.out_dir, "ckpt.pt")
+    ckpt = None
+    if args.sample and not os.path.exists(ckpt_path):
+        raise Usage(f"--from {args.from_dir}: no checkpoint {ckpt_path}")
+    if args.sample or (args.resume and os.path.exists(ckpt_path)):
+        ckpt = load_file(ckpt_path, f"checkpoint {ckpt_path}")
+        check_checkpoint(ckpt, ckpt_path)
+    cfg = model_config(args, ckpt, ckpt_path)
+    cfg.check_tensor_parallel(t)
+    run = Run(args, cfg, t, dp, rank, device, ckpt_path, ckpt)
+    if args.sample:
+        return run
+    run.seed = cfg.seed  # the checkpoint's when resuming
+    run.seq_len = cfg.block_size if args.seq_len is None else args.seq_len
+    try:
+        cfg.check_sequence(run.seq_len, t)
+    except ValueError as e:
+        raise Usage(f"--seq-len {run.seq_len}: {e}") from None
+    run.data = load_bytes(args.data)
+    if min(len(run.data[0]), len(run.data[1])) <= run.seq_len:
+        raise Usage(f"--data {args.data or '(the stdlib sources)'}: {len(run.data[1])} validation bytes "
+                    f"(the last 10%), --seq-len {run.seq_len} needs more")
     if args.init and ckpt is None:
-        kind, _, path = args.init.partition(":")
-        if kind != "gpt2" or not os.path.isfile(path):
-            raise Usage(f"--init {args.init}: expected gpt2:PATH of an existing file")
-        init = gpt2_to_nanosp(torch.load(path, map_location="cpu", weights_only=True), cfg.n_layer)
-        needs = {"wte.weight": (cfg.vocab_size, cfg.n_embd), "wpe.weight": (cfg.block_size, cfg.n_embd)}
-        for key, want in needs.items():  # (n_head cannot be read off the weights)
-            if key in init and tuple(init[key].shape) != want:
-                raise Usage(f"--init {args.init}: {key} is {tuple(init[key].shape)}, the model needs {want}; "
-                            f"check --preset, --n-embd, --block-size")
-    return cfg, t, dp, ckpt, data, init
+        run.init = load_init(args, cfg)
+    check_out_dir(args, resuming=args.resume)
+    return run
 
 
-def setup_distributed(args, t, dp):
-    """Returns (rank, device, TP group or None, DP group or None, DP rank)."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+@contextlib.contextmanager
+def collectives(group, run):
+    """A collective in this block that times out, or loses a rank, becomes one line that names its
+    process group. gloo says which only in the text of a RuntimeError: "... Timed out waiting
+    6000ms for recv operation to complete", "... Read error ...: Connection reset by peer"."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).lower()
+        if "timed out" in text or "timeout" in text:
+            why = f"timed out after {run.args.timeout:g} s: a rank stopped answering"
+        elif "connection reset" in text or "connection closed" in text or "broken pipe" in text:
+            why = "lost a rank: its process ended"
+        else:
+            raise
+        raise Failure(f"a collective on the {group} group {why}") from None
+
+
+def setup_distributed(run):
+    """Joins the torchrun world and makes the process groups (none for a single process); every
+    group waits at most --timeout for a collective."""
     if "RANK" not in os.environ:  # plain `python train.py`: one process, no torch.distributed
-        return 0, torch.device(device), None, None, 0
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            timeout=timedelta(seconds=args.timeout))
-    world = t * dp
-    # every rank creates every group, in the same order
-    tp_groups = [dist.new_group(list(range(d * t, d * t + t))) for d in range(dp)]
-    dp_groups = [dist.new_group(list(range(r, world, t))) for r in range(t)]
-    tp_group = tp_groups[rank // t] if t > 1 else None
-    dp_group = dp_groups[rank % t] if dp > 1 else None
-    return rank, torch.device(device), tp_group, dp_group, rank // t
+        return
+    if run.device.type == "cuda":
+        torch.cuda.set_device(run.device)
+    timeout = timedelta(seconds=run.args.timeout)
+    t, dp, world = run.t, run.dp, run.t * run.dp
+    with collectives("default (all ranks)", run):
+        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=timeout)
+        # every rank creates every group, in the same order
+        tp_groups = [dist.new_group(list(range(d * t, d * t + t)), timeout=timeout) for d in range(dp)]
+        dp_groups = [dist.new_group(list(range(r, world, t)), timeout=timeout) for r in range(t)]
+        dist.barrier()  # every rank has read the run's files before rank 0 changes --out-dir
+    run.tp_group = tp_groups[run.rank // t] if t > 1 else None
+    run.dp_group = dp_groups[run.rank % t] if dp > 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +444,8 @@ def gpt2_to_nanosp(hf_state_dict, n_layer):
         key = key.removeprefix("transformer.")
         if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
             continue
+        if key.endswith(conv1d) and value.dim() != 2:
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, not a matrix")
         out[key] = value.t().contiguous() if key.endswith(conv1d) else value
     layers = len({k.split(".")[1] for k in out if k.startswith("h.")})
     if layers != n_layer:
@@ -311,40 +507,55 @@ def load_optimizer_state(model, masters, optimizer, state):
     optimizer.load_state_dict({"state": local, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file beside `path`, fsync, then rename onto it: a crash at any moment
-    leaves either the old complete file or the new one, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
+def write_atomic(path, data):
+    """Writes `data` (bytes) to a temp file beside `path`, fsync, then renames it onto `path`: a
+    crash at any moment leaves either the old complete file or the new one, never a torn one. A
+    write that fails (disk full, permissions) removes the temp file and keeps the old one."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make ckpt.pt private
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name.split('.')[0]}-", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
+        tmp = None
+        dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise Failure(f"{path} could not be written: {e.strerror.lower()}; the previous one is kept") from None
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            os.unlink(tmp)
 
 
-def save_checkpoint(model, masters, optimizer, step, args, rank, dp_rank):
+def remove_stale_temps(directory):
+    """Temp files of writes that a crash interrupted (see write_atomic)."""
+    for name in os.listdir(directory):
+        if name.startswith((".ckpt-", ".log-")) and name.endswith(".tmp"):
+            os.unlink(os.path.join(directory, name))
+
+
+def save_checkpoint(run, model, masters, optimizer, step):
     """The master weights (float32 under bfloat16), unsharded: model.full_state_dict() of them."""
-    if dp_rank != 0:  # DP replicas hold the same weights: only replica 0's TP group gathers
+    if run.dp_rank != 0:  # DP replicas hold the same weights: only replica 0's TP group gathers
         return
     weights = {name: model.full_tensor(name, p.detach()).cpu() for name, p in masters.items()}
+    options = {**vars(run.args), "seed": run.seed, "seq_len": run.seq_len}  # as this run used them
     ckpt = {"model": weights, "optimizer": optimizer_state(model, masters, optimizer),
-            "step": step, "config": dataclasses.asdict(model.cfg), "args": vars(args),
+            "step": step, "config": dataclasses.asdict(model.cfg), "args": options,
             "forward_count": model.forward_count}
-    if rank == 0:
-        save_atomic(ckpt, args.ckpt_path)
+    if run.rank == 0:  # serialised in memory first: torch.save hides a failed write's reason
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        write_atomic(run.ckpt_path, buffer.getbuffer())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,51 +568,56 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def all_reduce_dp(tensor, run):
+    """Sums `tensor` over the data-parallel group, in place; nothing to do for one replica."""
+    if run.dp_group is not None:
+        with collectives("data-parallel", run):
+            dist.all_reduce(tensor, group=run.dp_group)
+
+
 @torch.no_grad()
-def evaluate(model, data, args, dp, dp_rank, dp_group):
+def evaluate(run, model):
     """Mean loss over --eval-iters fixed validation batches (the same at every step)."""
-    rows = args.batch_size // (dp * args.grad_accum)
+    rows, lo = run.rows, run.dp_rank * run.rows  # this replica's slice of each batch
     model.eval()
-    losses = torch.zeros(args.eval_iters, dtype=torch.float64, device=model.wte.weight.device)
-    for i in range(args.eval_iters):
-        x, y = get_batch(data, rows * dp, args.seq_len, batch_seed(args.seed, i, "val"))
-        x, y = x[dp_rank * rows:(dp_rank + 1) * rows], y[dp_rank * rows:(dp_rank + 1) * rows]
-        losses[i] = model(x.to(losses.device), y.to(losses.device))[1]
-    if dp_group is not None:
-        dist.all_reduce(losses, group=dp_group)
+    losses = torch.zeros(run.args.eval_iters, dtype=torch.float64, device=run.device)
+    for i in range(run.args.eval_iters):
+        x, y = get_batch(run.data[1], rows * run.dp, run.seq_len, batch_seed(run.seed, i, "val"))
+        losses[i] = model(x[lo:lo + rows].to(run.device), y[lo:lo + rows].to(run.device))[1]
+    all_reduce_dp(losses, run)
     model.train()
-    return losses.mean().item() / dp
+    return losses.mean().item() / run.dp
 
 
-def build_model(cfg, tp_group, device, dtype, state_dict):
+def build_model(cfg, tp_group, device, dtype, state_dict, source):
     """Returns (model in `dtype`, {name: master weight}). The optimizer steps the master weights.
     In float32 and float64 they are the model's own parameters. In bfloat16 they are float32
     copies, as in Megatron-LM's mixed precision: weights, activations and gradients in bf16 (2
     bytes, as Table 2 counts), gradients summed into float32, AdamW in float32, and the updated
     weights rounded to bf16 after each step; bf16 alone would lose every update smaller than
-    1/256 of a weight."""
+    1/256 of a weight. `source` names the state dict in the error when it does not fit."""
     model = nanosp.GPT(cfg, group=tp_group).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
     if state_dict is not None:
         try:
             model.load_full_state_dict(state_dict)
         except ValueError as e:  # the same on every rank: all fail alike
-            raise Usage(e) from None
+            raise Usage(f"{source}: {e}") from None
     if dtype != torch.bfloat16:
         return model, dict(model.named_parameters())
     masters = {name: torch.nn.Parameter(p.detach().clone()) for name, p in model.named_parameters()}
     return model.to(dtype), masters
 
 
-def train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank, dp_group):
-    """One optimizer step on the global batch (x_all, y_all); returns (mean loss, gradient norm)."""
+def train_step(run, model, masters, optimizer, step):
+    """One optimizer step on the global batch of `step`; returns (mean loss, gradient norm)."""
+    args, dp, dp_rank, rows = run.args, run.dp, run.dp_rank, run.rows
+    x_all, y_all = get_batch(run.data[0], args.batch_size, run.seq_len, batch_seed(run.seed, step, "train"))
     params = list(model.parameters())  # in the order of masters
-    rows = args.batch_size // (dp * args.grad_accum)  # sequences per micro-step per replica
     loss_sum = 0.0
     for micro in range(args.grad_accum):
         lo = (micro * dp + dp_rank) * rows  # this replica's slice of this micro-step
         model.forward_count = ((step - 1) * args.grad_accum + micro) * dp + dp_rank  # dropout key
-        device = params[0].device
-        loss = model(x_all[lo:lo + rows].to(device), y_all[lo:lo + rows].to(device))[1]
+        loss = model(x_all[lo:lo + rows].to(run.device), y_all[lo:lo + rows].to(run.device))[1]
         (loss / args.grad_accum).backward()
         loss_sum = loss_sum + loss.detach()
     # the data-parallel all-reduce: every local gradient and the loss, one flat buffer (DDP would
@@ -410,9 +626,8 @@ def train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank,
     master_list = list(masters.values())
     dtype = master_list[0].dtype
     flat = torch.cat([p.grad.reshape(-1).to(dtype) for p in params] + [(loss_sum / args.grad_accum).reshape(1)])
-    if dp_group is not None:
-        dist.all_reduce(flat, group=dp_group)
-        flat /= dp
+    all_reduce_dp(flat, run)
+    flat /= dp
     for p, master, g in zip(params, master_list, flat[:-1].split([p.numel() for p in params])):
         p.grad = None
         master.grad = g.view_as(master)
@@ -428,56 +643,78 @@ def train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank,
     return flat[-1], norm
 
 
-def train(args, cfg, t, dp, ckpt, data, init):
-    rank, device, tp_group, dp_group, dp_rank = setup_distributed(args, t, dp)
-    model, masters = build_model(cfg, tp_group, device, getattr(torch, args.dtype),
-                                 ckpt["model"] if ckpt else init)
+def train(run):
+    args, cfg, ckpt = run.args, run.cfg, run.ckpt
+    setup_distributed(run)
+    model, masters = build_model(cfg, run.tp_group, run.device, getattr(torch, args.dtype),
+                                 ckpt["model"] if ckpt else run.init,
+                                 f"checkpoint {run.ckpt_path}" if ckpt else f"--init {args.init}")
     optimizer, start = make_optimizer(masters, args), 0
     if ckpt is not None:
         load_optimizer_state(model, masters, optimizer, ckpt["optimizer"])
         start, model.forward_count = ckpt["step"], ckpt["forward_count"]
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = print if run.rank == 0 else (lambda *a, **k: None)
     if args.resume:
-        say(f"resuming from {args.ckpt_path} at step {start}" if ckpt else
-            f"--resume: no checkpoint at {args.ckpt_path}, starting fresh")
-    os.makedirs(args.out_dir, exist_ok=True)
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a" if ckpt else "w") if rank == 0 else None
+        say(f"resuming from {run.ckpt_path} at step {start}" if ckpt else
+            f"--resume: no checkpoint at {run.ckpt_path}, starting fresh")
+    log = None
+    if run.rank == 0:
+        remove_stale_temps(args.out_dir)
+        log = open_log(os.path.join(args.out_dir, "log.jsonl"), start)
     stop = min(args.max_steps, args.stop_after or args.max_steps)
-    say(f"tp={t} dp={dp} sequence_parallel={cfg.sequence_parallel} recompute={cfg.recompute}, "
-        f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {args.seq_len} tokens in "
-        f"{args.grad_accum} micro-steps, {device}, {args.dtype}")
+    say(f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={cfg.recompute}, "
+        f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {run.seq_len} tokens in "
+        f"{args.grad_accum} micro-steps, {run.device}, {args.dtype}")
     timer, timed_steps = 0.0, 0
     for step in range(start + 1, stop + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x_all, y_all = get_batch(data[0], args.batch_size, args.seq_len, batch_seed(args.seed, step, "train"))
-        loss, norm = train_step(model, masters, optimizer, x_all, y_all, step, args, dp, dp_rank, dp_group)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        loss, norm = train_step(run, model, masters, optimizer, step)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
         timer, timed_steps = timer + time.perf_counter() - t0, timed_steps + 1
 
         val = None
         if (args.eval_interval and step % args.eval_interval == 0) or step == stop:
-            val = evaluate(model, data[1], args, dp, dp_rank, dp_group)
+            val = evaluate(run, model)
         if step % args.log_interval == 0 or val is not None or step == start + 1:
             ms = 1000 * timer / timed_steps  # mean over the steps since the last line
             record = {"step": step, "loss": loss.item(), "val_loss": val, "lr": lr, "grad_norm": norm.item(),
-                      "tokens_per_s": args.batch_size * args.seq_len / (ms / 1000), "ms": ms,
-                      "mem_bytes": peak_memory(device), "tp": t, "dp": dp,
+                      "tokens_per_s": args.batch_size * run.seq_len / (ms / 1000), "ms": ms,
+                      "mem_bytes": peak_memory(run.device), "tp": run.t, "dp": run.dp,
                       "sequence_parallel": cfg.sequence_parallel, "recompute": cfg.recompute}
             timer, timed_steps = 0.0, 0
             if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                try:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                except OSError as e:
+                    raise Failure(f"{log.name} could not be written: {e.strerror.lower()}") from None
                 say(progress_line(record, args.max_steps), flush=True)
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == stop:
-            save_checkpoint(model, masters, optimizer, step, args, rank, dp_rank)
+            save_checkpoint(run, model, masters, optimizer, step)
     if start >= stop:
-        say(f"{args.ckpt_path} is already at step {start} >= {stop}: nothing to do")
+        say(f"{run.ckpt_path} is already at step {start} >= {stop}: nothing to do")
     if log:
         log.close()
+
+
+def open_log(path, start):
+    """log.jsonl, to append the steps after `start`. Records of later steps (logged after the last
+    checkpoint by a run that then stopped) are cut off first, so that no step is logged twice."""
+    if os.path.exists(path):
+        kept = []
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):  # a line torn by a crash
+                    pass
+        write_atomic(path, b"".join(kept))
+    return open(path, "a")
 
 
 def progress_line(r, max_steps):
@@ -492,12 +729,14 @@ def progress_line(r, max_steps):
 
 
 @torch.no_grad()
-def sample(args, cfg, t, dp, ckpt):
+def sample(run):
     """Every rank samples with the same generator; logits are identical on every rank, so the
     tokens agree without a broadcast. Rank 0 prints."""
-    cfg = dataclasses.replace(cfg, sequence_parallel=False, dropout=0.0)  # any prompt length
-    rank, device, tp_group, _, _ = setup_distributed(args, t, dp)
-    model = build_model(cfg, tp_group, device, torch.float32, ckpt["model"])[0].eval()
+    args, device = run.args, run.device
+    cfg = dataclasses.replace(run.cfg, sequence_parallel=False, dropout=0.0)  # any prompt length
+    setup_distributed(run)
+    model = build_model(cfg, run.tp_group, device, torch.float32, run.ckpt["model"],
+                        f"checkpoint {run.ckpt_path}")[0].eval()
     gen = torch.Generator().manual_seed(args.seed or 0)
     idx = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
     for _ in range(args.max_new_tokens):
@@ -511,33 +750,37 @@ def sample(args, cfg, t, dp, ckpt):
                 logits[logits < kth] = -float("inf")
             token = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
         idx = torch.cat([idx, token.to(device)[None]], dim=1)
-    if rank == 0:
+    if run.rank == 0:
         print(bytes(idx[0].tolist()).decode(errors="replace"))
 
 
 def fail(error, rank):
-    """Every rank fails alike; rank 0 says why. The others wait a moment before exiting, because
-    torchrun kills the remaining ranks as soon as one exits non-zero, maybe before rank 0 printed."""
-    if rank == 0:
-        print(f"train.py: error: {error}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(3)
-    sys.exit(2)
+    """Ends this process with one line and the error's exit code. Rank 0 speaks at once; torchrun
+    then stops the other ranks. They wait a moment first, because torchrun stops every rank as soon
+    as one exits, maybe before rank 0 has printed. A rank still running after that speaks too,
+    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail)."""
+    if rank != 0:
+        time.sleep(5)
+    where = "" if rank == 0 else f"rank {rank}: "
+    print(f"train.py: error: {where}{error}", file=sys.stderr, flush=True)
+    sys.exit(error.code if isinstance(error, Failure) else 2)
 
 
 def main(argv=None):
-    args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
-        cfg, t, dp, ckpt, data, init = validate(args, world)
-    except (Usage, ValueError) as e:
+        args = parse_args(argv)
+        run = validate(args, world, rank)
+    except (Failure, ValueError) as e:
         fail(e, rank)
     try:
-        if args.sample:
-            sample(args, cfg, t, dp, ckpt)
-        else:
-            train(args, cfg, t, dp, ckpt, data, init)
-    except Usage as e:
+        # the collectives not named otherwise (the model's, the gradient norm's, the checkpoint's)
+        with collectives("tensor-parallel", run):
+            if args.sample:
+                sample(run)
+            else:
+                train(run)
+    except Failure as e:
         fail(e, rank)
     finally:
         if dist.is_initialized():
