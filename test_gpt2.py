@@ -1,6 +1,7 @@
 """gpt2.py: Hugging Face GPT-2 model directories, built here (random weights, a tokenizer trained on
 a few lines), read into nanosp and compared with transformers' GPT2LMHeadModel reading the same
-directory. transformers is used by these tests only; nanosp never imports it.
+directory; then train.py --init gpt2:DIR fine-tunes, resumes and samples through the directory's
+tokenizer. transformers is used by these tests only; nanosp never imports it.
 
 Tolerances: float64 logits relative to the largest reference element, under 1e-10, unsharded and
 at t = 2 with sequence parallelism (what differs is reduction order, ~1e-15). Token ids are
@@ -8,34 +9,27 @@ compared exactly.
 """
 import json
 import os
+import random
 import shutil
-import socket
 
 import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import tokenizers
 from tokenizers import ByteLevelBPETokenizer
 
 import gpt2
 import nanosp
+import train
+from test_train import error_of, free_port, load_ckpt, read_log, rel_err, run
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers reads the local directories only
 SHAPE = dict(n_layer=2, n_head=4, n_embd=32, n_positions=32, vocab_size=301)  # 301: padded at t = 2
 LINES = ["def main():", "    return 0", "import os, sys", "for x in range(10):", "    print(x)",
          "the quick brown fox jumps over the lazy dog", "class Model(nn.Module):", "    pass"]
 PROMPT = "def main():\n    print('the fox') # é 日本 <|endoftext|>"
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,3 +280,137 @@ def test_bad_bin_and_missing_directory(model_dirs, tmp_path):
         gpt2.load(str(directory))
     with pytest.raises(ValueError, match="nowhere is not a directory"):
         gpt2.load(str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py --init gpt2:DIR: the directory's shape, weights and tokenizer; the checkpoint keeps the tokenizer
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory):
+    """About 60 kB of the lines the tokenizer was trained on, in a random order."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "code.txt"
+    path.write_text("\n".join(rng.choice(LINES) for _ in range(3000)))
+    return str(path)
+
+
+def finetune_args(directory, code, out, *extra):
+    return ["--init", f"gpt2:{directory}", "--data", code, "--batch-size", 8, "--eval-iters", 2, "--log-interval", 1,
+            "--steps", 6, "--warmup-steps", 0, "--lr", 3e-3, "--dtype", "float64", "--out-dir", out, *extra]
+
+
+def test_init_from_directory_trains_resumes_and_samples_with_its_tokenizer(model_dirs, code, tmp_path):
+    """--init gpt2:DIR: the first loss is transformers' loss on the first batch of --data encoded by
+    DIR's tokenizer (transformers' own); the run stops at step 3, DIR is removed, --resume finishes
+    it as the straight run does; then --sample prints the greedy continuation through the tokenizer."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    directory = tmp_path / "gpt2"
+    shutil.copytree(model_dirs["safetensors"], directory)
+    tokenizer_json = (directory / "tokenizer.json").read_text()
+    run(finetune_args(directory, code, tmp_path / "straight"))
+    run(finetune_args(directory, code, tmp_path / "cut", "--stop-after", 3))
+
+    ids = AutoTokenizer.from_pretrained(directory)(open(code).read())["input_ids"]
+    x, y = train.get_batch(torch.tensor(ids[:int(len(ids) * 0.9)]), 8, 32, train.batch_seed(0, 1, "train"))
+    hf = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float64, attn_implementation="eager")
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    straight = read_log(tmp_path / "straight")
+    assert straight[1]["loss"] == pytest.approx(want, rel=1e-10)
+    assert straight[6]["loss"] < straight[1]["loss"] - 0.5, (straight[1]["loss"], straight[6]["loss"])
+
+    shutil.rmtree(directory)  # the checkpoint alone carries the tokenizer on
+    assert "resuming from" in run([*finetune_args(directory, code, tmp_path / "cut"), "--resume"]).stdout
+    resumed, ckpt = read_log(tmp_path / "cut"), load_ckpt(tmp_path / "cut")
+    assert [resumed[s]["loss"] for s in (4, 5, 6)] == [straight[s]["loss"] for s in (4, 5, 6)]
+    assert ckpt["tokenizer"] == tokenizer_json and ckpt["config"]["vocab_size"] == SHAPE["vocab_size"]
+
+    prompt = "def main():"
+    printed = run(["--sample", "--from", tmp_path / "cut", "--prompt", prompt, "--max-new-tokens", 12,
+                   "--temperature", 0]).stdout
+    reference = tokenizers.Tokenizer.from_str(tokenizer_json)
+    idx = reference.encode(prompt).ids
+    assert max(idx) >= 256  # merged tokens: bytes would be other ids
+    model = nanosp.GPT(nanosp.GPTConfig(**{k: ckpt["config"][k] for k in train.SHAPE_KEYS})).eval()
+    model.load_full_state_dict(ckpt["model"])
+    with torch.no_grad():
+        for _ in range(12):  # greedy, among the tokenizer's 300 ids
+            idx.append(model(torch.tensor([idx]))[0][0, -1, :300].argmax().item())
+    assert printed == reference.decode(idx, skip_special_tokens=False) + "\n"
+    print(f"sample from the fine-tuned test model: {printed!r}")
+
+
+def test_sample_from_a_model_directory_is_transformers_greedy(model_dirs):
+    """--sample --from DIR reads the Hugging Face directory itself (float32); transformers' model on
+    the same directory (float64) picks the same tokens, each ahead of the next by a clear margin."""
+    from transformers import GPT2LMHeadModel
+
+    directory, prompt, n = model_dirs["bin"], "import os, sys\nfor x", 16
+    printed = run(["--sample", "--from", directory, "--prompt", prompt, "--max-new-tokens", n,
+                   "--temperature", 0]).stdout
+    tokenizer = gpt2.load(str(directory)).tokenizer
+    hf = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float64, attn_implementation="eager").eval()
+    idx = tokenizer.encode(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            top = hf(torch.tensor([idx])).logits[0, -1, :tokenizer.vocab_size].topk(2)
+            assert top.values[0] - top.values[1] > 1e-3  # float32 cannot pick another token
+            idx.append(top.indices[0].item())
+    assert printed == tokenizer.decode(idx) + "\n"
+    print(f"sample from the test model directory: {printed!r}")
+
+
+def test_init_from_a_torch_saved_state_dict(code, tmp_path):
+    """gpt2:FILE, a torch.save of Hugging Face names, keeps working: bytes, the shape from the options."""
+    hf = {"transformer." + k: v for k, v in random_weights(vocab_size=50257).items()}
+    torch.save({**hf, "lm_head.weight": hf["transformer.wte.weight"]}, tmp_path / "gpt2.pt")
+    run(["--preset", "gpt2", "--n-layer", 2, "--n-head", 4, "--n-embd", 32, "--block-size", 32,
+         "--init", f"gpt2:{tmp_path / 'gpt2.pt'}", "--data", code, "--batch-size", 8, "--eval-iters", 1,
+         "--steps", 1, "--lr", 0, "--dtype", "float64", "--out-dir", tmp_path / "out"])
+    ckpt = load_ckpt(tmp_path / "out")
+    want = gpt2.hf_to_nanosp(hf, ckpt["config"], "hf")
+    assert ckpt["tokenizer"] is None and ckpt["model"].keys() == want.keys()
+    assert all(torch.equal(ckpt["model"][k], want[k]) for k in want)
+
+
+def test_train_errors_with_model_directories(model_dirs, code, tmp_path):
+    """One line each, exit code 2, before any work."""
+    good, out = model_dirs["safetensors"], tmp_path / "out"
+    base = ["--init", f"gpt2:{good}", "--data", code, "--out-dir", out]
+    assert f"{good / 'config.json'} has n_embd=32, but n_embd=64 was given" in error_of([*base, "--n-embd", 64])
+    assert "has bias=True, but bias=False was given" in error_of([*base, "--no-bias"])
+    assert "has n_layer=2, but n_layer=4 was given" in error_of([*base, "--preset", "tiny"])
+    assert "--seq-len 64" in error_of([*base, "--seq-len", 64])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    assert "latin1.txt is not UTF-8 text (byte 3)" in error_of([*base[:2], "--data", tmp_path / "latin1.txt",
+                                                                "--out-dir", out])
+    assert "--init gpt2:: expected gpt2:DIR" in error_of(["--init", "gpt2:", "--out-dir", out])
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    write_config(bad, activation_function="gelu")
+    assert f"--init gpt2:{bad}: {bad / 'config.json'}: activation_function='gelu'" in error_of(
+        ["--init", f"gpt2:{bad}", "--data", code, "--out-dir", out])
+    assert not out.exists()  # refused before any work
+
+    (tmp_path / "empty").mkdir()
+    says = error_of(["--sample", "--from", tmp_path / "empty"])
+    assert "nor the config.json of a Hugging Face model directory" in says
+    lowercase = tmp_path / "lowercase"
+    shutil.copytree(good, lowercase)
+    data = json.loads((lowercase / "tokenizer.json").read_text())
+    (lowercase / "tokenizer.json").write_text(json.dumps({**data, "normalizer": {"type": "Lowercase"}}))
+    assert "does not reproduce --prompt" in error_of(["--sample", "--from", lowercase, "--prompt", "Def"])
+
+
+def test_checkpoint_with_a_bad_tokenizer_is_one_line(model_dirs, code, tmp_path):
+    run(finetune_args(model_dirs["safetensors"], code, tmp_path, "--steps", 1))
+    ckpt = load_ckpt(tmp_path)
+    larger = tokenizers.Tokenizer.from_str(ckpt["tokenizer"])
+    larger.add_tokens(["<a>", "<b>"])  # ids 300 and 301
+    for tokenizer, says in [(5, "has a 'tokenizer' that is a int, not tokenizer.json text"),
+                            ("{", f"the tokenizer in checkpoint {tmp_path / 'ckpt.pt'} is not a tokenizer"),
+                            (larger.to_str(), "token ids reach 301, beyond the model's vocab_size=301")]:
+        torch.save({**ckpt, "tokenizer": tokenizer}, tmp_path / "ckpt.pt")
+        assert says in error_of(["--sample", "--from", tmp_path]), says

@@ -3,6 +3,7 @@
     python train.py                                        # one process, tiny model, stdlib bytes
     torchrun --nproc_per_node=4 train.py --tp 2            # 2 tensor-parallel groups of 2, data parallel
     python train.py --sample --from out --prompt "def "    # sample from out/ckpt.pt
+    python train.py --init gpt2:gpt2 --lr 1e-4             # fine-tune a Hugging Face GPT-2 directory
 
 What to look for:
 - ranks [d*t, ..., d*t+t-1] form tensor-parallel (TP) group d, so TP stays inside a node; ranks
@@ -24,8 +25,11 @@ What to look for:
 - --dtype bfloat16 is mixed precision as Megatron-LM does it: the model (weights, activations,
   gradients, collectives) in bf16, float32 master weights and AdamW state that the optimizer
   steps, rounded back into the model after each step. Checkpoints hold the float32 masters.
-- Tokens are bytes (vocab 256) even for --init gpt2:PATH: GPT-2's first 256 token ids are reused
-  as bytes, and sampling is restricted to them.
+- Tokens are bytes (vocab 256), or the ids of the tokenizer of --init gpt2:DIR, a Hugging Face
+  GPT-2 model directory read by gpt2.py: its config.json gives the shape, and its tokenizer, when it
+  has one, encodes --data and --prompt and decodes the samples. The checkpoint keeps that tokenizer
+  (its tokenizer.json text), so --resume and --sample use the same one wherever DIR has gone.
+  Nothing is downloaded. --sample --from DIR samples from such a directory directly.
 - Failing safely. Every option and every file read is checked before any work, on every rank
   alike: a bad one is one line on stderr and exit code 2. A run never overwrites another: an
   --out-dir that holds one is refused unless --resume continues it, and --out-dir is proven
@@ -51,6 +55,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import gpt2
 import nanosp
 
 PRESETS = {  # model shape; vocab 256 = bytes
@@ -115,22 +120,26 @@ def parse_args(argv=None):
     a("--log-interval", type=int, default=10)
     a("--ckpt-interval", type=int, default=100, help="0 = only at the end of the run")
     a("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt when it exists")
-    a("--init", help="gpt2:PATH, a torch-saved Hugging Face GPT-2 state dict")
-    a("--data", help="a file read as bytes (default: the Python standard library's *.py)")
+    a("--init", help="gpt2:DIR, a Hugging Face GPT-2 model directory (config.json, model.safetensors or "
+      "pytorch_model.bin, and its tokenizer); or gpt2:FILE, a torch-saved GPT-2 state dict")
+    a("--data", help="a file read as bytes, or as UTF-8 text by the tokenizer of --init (default: the Python "
+      "standard library's *.py)")
     a("--sample", action="store_true", help="generate text from --from DIR instead of training")
-    a("--from", dest="from_dir", default="out")
+    a("--from", dest="from_dir", default="out", help="a run's --out-dir, or a Hugging Face GPT-2 model directory")
     a("--prompt", default="\n")
     a("--max-new-tokens", type=int, default=200)
     a("--temperature", type=float, default=0.8, help="0 = greedy")
-    a("--top-k", type=int, default=50, help="sample among the k likeliest bytes; 0 = off")
+    a("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = off")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
-# data: bytes, a pure function of (seed, step)
+# data: bytes or a tokenizer's ids, a pure function of (seed, step)
 
 
-def load_bytes(path, cap=8 << 20):
+def load_data(path, tokenizer, cap=8 << 20):
+    """(training tokens, validation tokens), the last 10% for validation: the bytes of the file (or
+    of the stdlib's *.py), or, with a tokenizer, the ids of their text."""
     if path:
         try:
             with open(path, "rb") as f:
@@ -152,9 +161,30 @@ def load_bytes(path, cap=8 << 20):
                 chunks.append(f.read())
             size += len(chunks[-1])
         data = b"".join(chunks)[:cap]
-    data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if tokenizer is None:
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        try:  # the stdlib's: a file in another encoding, or a character cut at the cap, reads as U+FFFD
+            text = data.decode("utf-8", errors="strict" if path else "replace")
+        except UnicodeDecodeError as e:
+            raise Usage(f"--data {path} is not UTF-8 text (byte {e.start}), which the tokenizer needs") from None
+        data = torch.tensor(encode(tokenizer, text, f"--data {path or '(the stdlib sources)'}"), dtype=torch.int32)
     n = int(len(data) * 0.9)  # the last 10% is validation
     return data[:n], data[n:]
+
+
+def encode(tokenizer, text, what):
+    """The token ids of `text`: its UTF-8 bytes, or the tokenizer's ids (checked to decode back to it)."""
+    if tokenizer is None:
+        return list(text.encode())
+    try:
+        return tokenizer.encode(text, what)
+    except ValueError as e:
+        raise Usage(e) from None
+
+
+def decode(tokenizer, ids):
+    return bytes(ids).decode(errors="replace") if tokenizer is None else tokenizer.decode(ids)
 
 
 def get_batch(data, rows, seq_len, seed):
@@ -252,6 +282,8 @@ def check_checkpoint(ckpt, path):
     for key in ("step", "forward_count"):
         if not isinstance(ckpt[key], int) or ckpt[key] < 0:
             bad(f"has {key}={ckpt[key]!r}, not an integer >= 0")
+    if not isinstance(ckpt.get("tokenizer"), (str, type(None))):  # (checkpoints of byte runs may lack it)
+        bad(f"has a 'tokenizer' that is a {type(ckpt['tokenizer']).__name__}, not tokenizer.json text")
     optimizer, model = ckpt["optimizer"], ckpt["model"]
     if not isinstance(optimizer, dict):
         bad("has 'optimizer' that is not a dict")
@@ -262,22 +294,26 @@ def check_checkpoint(ckpt, path):
             bad(f"has AdamW state for {name!r} that does not match its weight")
 
 
-def model_config(args, ckpt, ckpt_path):
-    """The model's shape from --preset and its overrides, or from the checkpoint when there is one."""
+def model_config(args, ckpt, ckpt_path, pretrained):
+    """The model's shape from --preset and its overrides, or from the checkpoint, or from the
+    config.json of a Hugging Face model directory (--init's, or --from's when sampling)."""
     given = dict(PRESETS[args.preset]) if args.preset else {}
     given.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")
                   if getattr(args, k) is not None})
     if args.seed is not None and not args.sample:  # when sampling, --seed seeds the sampler only
         given["seed"] = args.seed
     shape = {**PRESETS["tiny"], "bias": True, "seed": 0, **given}
-    if ckpt is not None:  # the checkpoint decides the shape; options that contradict it are errors
+    decided = None
+    if ckpt is not None:
+        decided, source = ckpt["config"], f"checkpoint {ckpt_path}"
+    elif pretrained is not None:  # config.json has no seed: the options' (default 0)
+        decided, source = {**pretrained.shape, "seed": shape["seed"]}, os.path.join(pretrained.path, "config.json")
+    if decided is not None:  # it decides the shape; options that contradict it are errors
         for key in SHAPE_KEYS:
-            if key in given and given[key] != ckpt["config"][key]:
-                raise Usage(f"checkpoint {ckpt_path} has {key}={ckpt['config'][key]}, but "
-                            f"{key}={given[key]} was given; drop the option or use another --out-dir")
-        shape = {k: ckpt["config"][k] for k in SHAPE_KEYS}
-    if shape["vocab_size"] < 256:
-        raise Usage(f"vocab_size={shape['vocab_size']} cannot hold the 256 byte values")
+            if key in given and given[key] != decided[key]:
+                raise Usage(f"{source} has {key}={decided[key]}, but {key}={given[key]} was given; drop the "
+                            f"option" + (" or use another --out-dir" if ckpt is not None else ""))
+        shape = {k: decided[k] for k in SHAPE_KEYS}
     try:
         return nanosp.GPTConfig(**shape, dropout=args.dropout, sequence_parallel=args.sequence_parallel,
                                 recompute=args.recompute)
@@ -285,24 +321,41 @@ def model_config(args, ckpt, ckpt_path):
         raise Usage(f"checkpoint {ckpt_path}: {e}" if ckpt is not None else e) from None
 
 
-def load_init(args, cfg):
-    """--init gpt2:PATH: a Hugging Face GPT-2 state dict, in nanosp's keys."""
+def init_path(args):
     kind, _, path = args.init.partition(":")
     if kind != "gpt2" or not path:
-        raise Usage(f"--init {args.init}: expected gpt2:PATH")
-    hf = load_file(path, f"--init {args.init}")
+        raise Usage(f"--init {args.init}: expected gpt2:DIR (a Hugging Face model directory) or gpt2:FILE")
+    return path
+
+
+def load_pretrained(directory, name):
+    """A Hugging Face GPT-2 model directory, read by gpt2.py: shape, weights, tokenizer or None."""
+    try:
+        return gpt2.load(directory)
+    except ValueError as e:
+        raise Usage(f"{name}: {e}") from None
+
+
+def load_init_file(args, cfg):
+    """--init gpt2:FILE: a torch-saved Hugging Face GPT-2 state dict, in nanosp's keys, checked
+    against the shape the options give (n_head cannot be read off the weights)."""
+    hf = load_file(init_path(args), f"--init {args.init}")
     if not is_tensor_dict(hf):
         raise Usage(f"--init {args.init} holds a {type(hf).__name__}, not a {{name: tensor}} GPT-2 state dict")
     try:
-        init = gpt2_to_nanosp(hf, cfg.n_layer)
+        return gpt2.hf_to_nanosp(hf, dataclasses.asdict(cfg), f"--init {args.init}")
     except ValueError as e:
-        raise Usage(f"--init {args.init}: {e}") from None
-    needs = {"wte.weight": (cfg.vocab_size, cfg.n_embd), "wpe.weight": (cfg.block_size, cfg.n_embd)}
-    for key, want in needs.items():  # (n_head cannot be read off the weights)
-        if key in init and tuple(init[key].shape) != want:
-            raise Usage(f"--init {args.init}: {key} is {tuple(init[key].shape)}, the model needs "
-                        f"{want}; check --preset, --n-embd, --block-size")
-    return init
+        raise Usage(f"{e}; check --preset, --n-layer, --n-embd, --block-size") from None
+
+
+def checkpoint_tokenizer(ckpt, path):
+    """The tokenizer a run used, rebuilt from the tokenizer.json text its checkpoint keeps; None: bytes."""
+    if ckpt.get("tokenizer") is None:
+        return None
+    try:
+        return gpt2.Tokenizer(ckpt["tokenizer"], f"the tokenizer in checkpoint {path}")
+    except ValueError as e:
+        raise Usage(e) from None
 
 
 def check_out_dir(args, resuming):
@@ -339,8 +392,10 @@ class Run:
     ckpt: dict | None = None   # the checkpoint resumed or sampled from
     seed: int = 0              # weights, data order, dropout: --seed, or the checkpoint's
     seq_len: int = 0
-    data: tuple | None = None  # (training bytes, validation bytes)
-    init: dict | None = None   # --init weights, in nanosp's keys
+    data: tuple | None = None  # (training tokens, validation tokens)
+    init: dict | None = None   # --init's weights (or --from's model directory's), in nanosp's keys
+    tokenizer: gpt2.Tokenizer | None = None  # None: tokens are bytes
+    prompt: list | None = None  # --prompt's token ids, when sampling
     tp_group: object = None    # the process groups, set by setup_distributed
     dp_group: object = None
 
@@ -367,16 +422,32 @@ def validate(args, world, rank):
         raise Usage(f"--batch-size {args.batch_size} is not divisible by dp * grad-accum = {dp} * "
                     f"{args.grad_accum}; a multiple of {dp * args.grad_accum} would fit")
     ckpt_path = os.path.join(args.from_dir if args.sample else args.out_dir, "ckpt.pt")
-    ckpt = None
+    ckpt = pretrained = None
     if args.sample and not os.path.exists(ckpt_path):
-        raise Usage(f"--from {args.from_dir}: no checkpoint {ckpt_path}")
-    if args.sample or (args.resume and os.path.exists(ckpt_path)):
+        if not os.path.isfile(os.path.join(args.from_dir, "config.json")):
+            raise Usage(f"--from {args.from_dir}: no checkpoint {ckpt_path}, nor the config.json of a "
+                        f"Hugging Face model directory")
+        pretrained = load_pretrained(args.from_dir, f"--from {args.from_dir}")
+    elif args.sample or (args.resume and os.path.exists(ckpt_path)):
         ckpt = load_file(ckpt_path, f"checkpoint {ckpt_path}")
         check_checkpoint(ckpt, ckpt_path)
-    cfg = model_config(args, ckpt, ckpt_path)
+    elif args.init and os.path.isdir(init_path(args)):
+        pretrained = load_pretrained(init_path(args), f"--init {args.init}")
+    cfg = model_config(args, ckpt, ckpt_path, pretrained)
     cfg.check_tensor_parallel(t)
     run = Run(args, cfg, t, dp, rank, device, ckpt_path, ckpt)
+    if ckpt is not None:
+        run.tokenizer = checkpoint_tokenizer(ckpt, ckpt_path)
+    elif pretrained is not None:
+        run.tokenizer = pretrained.tokenizer
+    if run.tokenizer is None and cfg.vocab_size < 256:
+        raise Usage(f"vocab_size={cfg.vocab_size} cannot hold the 256 byte values")
+    if run.tokenizer is not None and run.tokenizer.vocab_size > cfg.vocab_size:
+        raise Usage(f"{run.tokenizer.source}: token ids reach {run.tokenizer.vocab_size - 1}, beyond the "
+                    f"model's vocab_size={cfg.vocab_size}")
     if args.sample:
+        run.prompt = encode(run.tokenizer, args.prompt, "--prompt")
+        run.init = pretrained.state_dict if pretrained else None
         return run
     run.seed = cfg.seed  # the checkpoint's when resuming
     run.seq_len = cfg.block_size if args.seq_len is None else args.seq_len
@@ -384,12 +455,13 @@ def validate(args, world, rank):
         cfg.check_sequence(run.seq_len, t)
     except ValueError as e:
         raise Usage(f"--seq-len {run.seq_len}: {e}") from None
-    run.data = load_bytes(args.data)
+    run.data = load_data(args.data, run.tokenizer)
     if min(len(run.data[0]), len(run.data[1])) <= run.seq_len:
-        raise Usage(f"--data {args.data or '(the stdlib sources)'}: {len(run.data[1])} validation bytes "
+        unit = "bytes" if run.tokenizer is None else "tokens"
+        raise Usage(f"--data {args.data or '(the stdlib sources)'}: {len(run.data[1])} validation {unit} "
                     f"(the last 10%), --seq-len {run.seq_len} needs more")
     if args.init and ckpt is None:
-        run.init = load_init(args, cfg)
+        run.init = pretrained.state_dict if pretrained else load_init_file(args, cfg)
     check_out_dir(args, resuming=args.resume)
     return run
 
@@ -429,28 +501,6 @@ def setup_distributed(run):
         dist.barrier()  # every rank has read the run's files before rank 0 changes --out-dir
     run.tp_group = tp_groups[run.rank // t] if t > 1 else None
     run.dp_group = dp_groups[run.rank % t] if dp > 1 else None
-
-
-# ----------------------------------------------------------------------------------------------
-# GPT-2 weights
-
-
-def gpt2_to_nanosp(hf_state_dict, n_layer):
-    """Hugging Face GPT-2 layout -> nanosp keys. Conv1D stores (in, out): transpose to nn.Linear's
-    (out, in). The causal-mask buffers and the tied lm_head are dropped."""
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    out = {}
-    for key, value in hf_state_dict.items():
-        key = key.removeprefix("transformer.")
-        if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        if key.endswith(conv1d) and value.dim() != 2:
-            raise ValueError(f"{key} has shape {tuple(value.shape)}, not a matrix")
-        out[key] = value.t().contiguous() if key.endswith(conv1d) else value
-    layers = len({k.split(".")[1] for k in out if k.startswith("h.")})
-    if layers != n_layer:
-        raise ValueError(f"the GPT-2 state dict has {layers} layers, the model n_layer={n_layer}")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +601,7 @@ def save_checkpoint(run, model, masters, optimizer, step):
     options = {**vars(run.args), "seed": run.seed, "seq_len": run.seq_len}  # as this run used them
     ckpt = {"model": weights, "optimizer": optimizer_state(model, masters, optimizer),
             "step": step, "config": dataclasses.asdict(model.cfg), "args": options,
-            "forward_count": model.forward_count}
+            "forward_count": model.forward_count, "tokenizer": run.tokenizer.json if run.tokenizer else None}
     if run.rank == 0:  # serialised in memory first: torch.save hides a failed write's reason
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
@@ -735,12 +785,13 @@ def sample(run):
     args, device = run.args, run.device
     cfg = dataclasses.replace(run.cfg, sequence_parallel=False, dropout=0.0)  # any prompt length
     setup_distributed(run)
-    model = build_model(cfg, run.tp_group, device, torch.float32, run.ckpt["model"],
-                        f"checkpoint {run.ckpt_path}")[0].eval()
+    weights, source = (run.ckpt["model"], f"checkpoint {run.ckpt_path}") if run.ckpt else (run.init, args.from_dir)
+    model = build_model(cfg, run.tp_group, device, torch.float32, weights, source)[0].eval()
     gen = torch.Generator().manual_seed(args.seed or 0)
-    idx = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=device)
+    vocab = 256 if run.tokenizer is None else run.tokenizer.vocab_size  # ids that decode to text
+    idx = torch.tensor([run.prompt], dtype=torch.long, device=device)
     for _ in range(args.max_new_tokens):
-        logits = model(idx[:, -cfg.block_size:])[0][0, -1, :256].float().cpu()  # bytes only
+        logits = model(idx[:, -cfg.block_size:])[0][0, -1, :vocab].float().cpu()
         if args.temperature == 0:
             token = logits.argmax()[None]
         else:
@@ -751,7 +802,7 @@ def sample(run):
             token = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
         idx = torch.cat([idx, token.to(device)[None]], dim=1)
     if run.rank == 0:
-        print(bytes(idx[0].tolist()).decode(errors="replace"))
+        print(decode(run.tokenizer, idx[0].tolist()))
 
 
 def fail(error, rank):
