@@ -12,7 +12,9 @@ What to look for:
   (LayerNorm eps 1e-5, GeLU with tanh, 4 n_embd hidden units, scores scaled by 1/sqrt(head size),
   the output head tied to the token embedding) or the directory is refused. The dropout
   probabilities are a training choice, not the model (train.py's --dropout); reorder_and_upcast_attn
-  only reorders the same product and raises its precision under fp16, so it is accepted.
+  only reorders the same product and raises its precision under fp16, so it is accepted. Keys
+  that do not reach GPT2LMHeadModel's logits (initializer_range, summary_*, n_ctx, token ids) are
+  not read.
 - weights: model.safetensors (or its shards), else pytorch_model.bin read with weights_only=True.
   Conv1D stores (in, out) where nn.Linear has (out, in): transposed. Every entry is checked against
   the config's shape before any is used.
