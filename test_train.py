@@ -228,7 +228,7 @@ def test_bfloat16_steps_float32_master_weights_and_resumes_exactly(text, tmp_pat
     initial value. bf16 weights alone could not hold that: near 1.0 (the LayerNorm weights) their
     spacing is 2^-7. Resuming from the float32 masters then reproduces the run exactly."""
     init, cut, straight = tmp_path / "init", tmp_path / "cut", tmp_path / "straight"
-    run([*SMALL, "--data", text, "--steps", 1, "--lr", 0, "--out-dir", init])  # float32, unchanged
+    run([*SMALL, "--data", text, "--stop-after", 0, "--out-dir", init])  # the float32 initial weights
     common = [*SMALL, "--data", text, "--steps", 3, "--lr", 1e-4, "--min-lr", 1e-4, "--warmup-steps", 0,
               "--weight-decay", 0, "--grad-clip", 0, "--dtype", "bfloat16", "--tp", 2, "--sequence-parallel"]
     run([*common, "--stop-after", 1, "--out-dir", cut], nproc=2)
@@ -322,10 +322,10 @@ def test_gpt2_import_matches_reference_logits(tmp_path):
 
 
 def test_init_gpt2_flag_loads_the_weights(text, tmp_path):
-    """--init gpt2:PATH then one step at lr 0 (no update, no decay): the checkpoint holds the weights."""
+    """--init gpt2:PATH --stop-after 0: the step-0 checkpoint holds the weights."""
     path = tmp_path / "gpt2.pt"
     torch.save(random_hf_gpt2(vocab=50257), path)  # the preset's vocabulary
-    run([*SMALL, "--preset", "gpt2", "--data", text, "--steps", 1, "--lr", 0, "--dtype", "float64",
+    run([*SMALL, "--preset", "gpt2", "--data", text, "--stop-after", 0, "--dtype", "float64",
          "--init", f"gpt2:{path}", "--out-dir", tmp_path / "out"])
     got, want = load_ckpt(tmp_path / "out")["model"], train.gpt2_to_nanosp(random_hf_gpt2(vocab=50257), 2)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -364,7 +364,9 @@ def test_errors(monkeypatch, trained, tmp_path, text):
 
 
 BAD_OPTIONS = [  # (options, what the one line must say)
-    (["--lr", -1], "--lr -1.0 must be a finite number >= 0"),
+    (["--lr", -1], "--lr -1.0 must be a finite number > 0"),
+    (["--lr", 0], "--lr 0.0 must be a finite number > 0"),
+    (["--stop-after", -1], "--stop-after -1 must be at least 0"),
     (["--lr", "nan"], "--lr nan"),
     (["--min-lr", -1], "--min-lr -1.0 must be in [0, --lr 0.001]"),
     (["--min-lr", 0.01], "--min-lr 0.01 must be in [0, --lr 0.001]"),
@@ -375,7 +377,6 @@ BAD_OPTIONS = [  # (options, what the one line must say)
     (["--batch-size", 6, "--grad-accum", 4], "--batch-size 6 is not divisible by dp * grad-accum = 1 * 4"),
     (["--grad-accum", 0], "--grad-accum 0 must be at least 1"),
     (["--steps", 0], "--max-steps 0 must be at least 1"),
-    (["--stop-after", 0], "--stop-after 0 must be at least 1"),
     (["--eval-iters", 0], "--eval-iters 0 must be at least 1"),
     (["--log-interval", 0], "--log-interval 0 must be at least 1"),
     (["--eval-interval", -1], "--eval-interval -1 must be at least 0"),
@@ -565,9 +566,9 @@ def test_failed_checkpoint_write_keeps_the_previous(text, tmp_path):
 
 
 STUCK = {  # how rank 1 stops answering: (rank 0's line, most seconds from the signal to the end)
-    # stopped: rank 0 waits --timeout; torchrun's SIGTERM cannot end a stopped process, so it
-    # sends SIGKILL after its fixed 30 s grace
-    "SIGSTOP": ("a collective on the tensor-parallel group timed out after 6 s: a rank stopped answering", 6 + 30 + 15),
+    # stopped: rank 0 waits --timeout, says so and ends the stopped rank (torchrun's SIGTERM cannot
+    # end a stopped process, and it waits 30 s before its SIGKILL)
+    "SIGSTOP": ("a collective on the tensor-parallel group timed out after 6 s: a rank stopped answering", 6 + 15),
     # gone: rank 0's collective fails at once, as torchrun sees rank 1 end and stops rank 0
     # (SIGTERM): which comes first is a race, so rank 0 may not get to say it
     "SIGKILL": ("a collective on the tensor-parallel group lost a rank: its process ended", 15),

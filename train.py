@@ -42,6 +42,8 @@ import json
 import math
 import os
 import resource
+import signal
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -69,6 +71,10 @@ class Failure(Exception):
     code = 1
 
 
+class Timeout(Failure):
+    """A collective that timed out: the run is over, so this host's other ranks are ended too."""
+
+
 class Usage(Failure):
     """A bad option or file: one line, exit code 2, on every rank alike."""
     code = 2
@@ -94,12 +100,12 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=16, help="global sequences per optimizer step")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--seq-len", type=int, help="default: the block size")
-    a("--lr", type=float, default=1e-3, help="peak learning rate; 0 = no update (the checkpoint keeps the "
-      "initial weights, e.g. --init's)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate")
     a("--min-lr", type=float, help="end of the cosine decay (default lr/10)")
     a("--warmup-steps", type=int, default=10)
     a("--max-steps", "--steps", dest="max_steps", type=int, default=200, help="length of the schedule")
-    a("--stop-after", type=int, help="end this run after this step (the schedule still runs to --max-steps)")
+    a("--stop-after", type=int, help="end this run after this step (the schedule still runs to --max-steps); "
+                                      "0: write the initial (or --init) weights as a step-0 checkpoint")
     a("--weight-decay", type=float, default=0.1)
     a("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 = off")
     a("--seed", type=int, help="weights, data order and dropout masks (default 0, or the checkpoint's)")
@@ -181,11 +187,12 @@ def check_options(args):
             raise Usage(f"--{name.replace('_', '-')} {value} {fits}")
 
     for name in ("n_layer", "n_head", "n_embd", "block_size", "tp", "batch_size", "grad_accum", "seq_len",
-                 "max_steps", "stop_after", "eval_iters", "log_interval", "max_new_tokens"):
+                 "max_steps", "eval_iters", "log_interval", "max_new_tokens"):
         need(name, lambda v: v >= 1, "must be at least 1")
-    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "top_k"):
+    for name in ("stop_after", "warmup_steps", "eval_interval", "ckpt_interval", "top_k"):
         need(name, lambda v: v >= 0, "must be at least 0")
-    for name in ("lr", "weight_decay", "grad_clip", "temperature"):
+    need("lr", lambda v: 0 < v < math.inf, "must be a finite number > 0")
+    for name in ("weight_decay", "grad_clip", "temperature"):
         need(name, lambda v: 0 <= v < math.inf, "must be a finite number >= 0")
     need("min_lr", lambda v: 0 <= v <= args.lr, f"must be in [0, --lr {args.lr}]")
     need("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
@@ -343,6 +350,7 @@ class Run:
     init: dict | None = None   # --init weights, in nanosp's keys
     tp_group: object = None    # the process groups, set by setup_distributed
     dp_group: object = None
+    peers: list = dataclasses.field(default_factory=list)  # (host, pid) of every rank
 
     @property
     def dp_rank(self):  # which data-parallel replica this rank belongs to
@@ -404,12 +412,11 @@ def collectives(group, run):
     except RuntimeError as e:
         text = str(e).lower()
         if "timed out" in text or "timeout" in text:
-            why = f"timed out after {run.args.timeout:g} s: a rank stopped answering"
-        elif "connection reset" in text or "connection closed" in text or "broken pipe" in text:
-            why = "lost a rank: its process ended"
-        else:
-            raise
-        raise Failure(f"a collective on the {group} group {why}") from None
+            raise Timeout(f"a collective on the {group} group timed out after {run.args.timeout:g} s: "
+                          f"a rank stopped answering") from None
+        if "connection reset" in text or "connection closed" in text or "broken pipe" in text:
+            raise Failure(f"a collective on the {group} group lost a rank: its process ended") from None
+        raise
 
 
 def setup_distributed(run):
@@ -426,6 +433,8 @@ def setup_distributed(run):
         # every rank creates every group, in the same order
         tp_groups = [dist.new_group(list(range(d * t, d * t + t)), timeout=timeout) for d in range(dp)]
         dp_groups = [dist.new_group(list(range(r, world, t)), timeout=timeout) for r in range(t)]
+        run.peers = [None] * world
+        dist.all_gather_object(run.peers, (socket.gethostname(), os.getpid()))
         dist.barrier()  # every rank has read the run's files before rank 0 changes --out-dir
     run.tp_group = tp_groups[run.rank // t] if t > 1 else None
     run.dp_group = dp_groups[run.rank % t] if dp > 1 else None
@@ -661,7 +670,7 @@ def train(run):
     if run.rank == 0:
         remove_stale_temps(args.out_dir)
         log = open_log(os.path.join(args.out_dir, "log.jsonl"), start)
-    stop = min(args.max_steps, args.stop_after or args.max_steps)
+    stop = args.max_steps if args.stop_after is None else min(args.max_steps, args.stop_after)
     say(f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={cfg.recompute}, "
         f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {run.seq_len} tokens in "
         f"{args.grad_accum} micro-steps, {run.device}, {args.dtype}")
@@ -695,7 +704,9 @@ def train(run):
                 say(progress_line(record, args.max_steps), flush=True)
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == stop:
             save_checkpoint(run, model, masters, optimizer, step)
-    if start >= stop:
+    if start == stop == 0:  # --stop-after 0: the weights as they start, as a checkpoint
+        save_checkpoint(run, model, masters, optimizer, 0)
+    elif start >= stop:
         say(f"{run.ckpt_path} is already at step {start} >= {stop}: nothing to do")
     if log:
         log.close()
@@ -754,16 +765,26 @@ def sample(run):
         print(bytes(idx[0].tolist()).decode(errors="replace"))
 
 
-def fail(error, rank):
+def fail(error, rank, peers=()):
     """Ends this process with one line and the error's exit code. Rank 0 speaks at once; torchrun
     then stops the other ranks. They wait a moment first, because torchrun stops every rank as soon
     as one exits, maybe before rank 0 has printed. A rank still running after that speaks too,
-    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail)."""
+    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail).
+    After a timeout the rank that speaks also ends this host's other ranks: torchrun's SIGTERM
+    cannot end a stopped process, and it waits 30 s before its SIGKILL."""
     if rank != 0:
         time.sleep(5)
     where = "" if rank == 0 else f"rank {rank}: "
     print(f"train.py: error: {where}{error}", file=sys.stderr, flush=True)
-    sys.exit(error.code if isinstance(error, Failure) else 2)
+    code = error.code if isinstance(error, Failure) else 2
+    if isinstance(error, Timeout):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, once it sees a peer end: exit with `code`
+        for host, pid in peers:
+            if host == socket.gethostname() and pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        os._exit(code)  # not through destroy_process_group, which would wait for the ranks just ended
+    sys.exit(code)
 
 
 def main(argv=None):
@@ -781,7 +802,7 @@ def main(argv=None):
             else:
                 train(run)
     except Failure as e:
-        fail(e, rank)
+        fail(e, rank, run.peers)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
