@@ -198,7 +198,7 @@ def frontier(cfg, t, B, T, dtype):
     the bytes of n layers moved from none to selective, then of n layers from selective to full."""
     costs, L = ledgers.recompute_costs(cfg, t, B, T, dtype), cfg.n_layer
     counts = [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]  # (full, selective)
-    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.make_plan(costs, L, *c).activation_bytes)
+    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.plan_of(costs, ledgers.counted_modes(L, *c)).activation_bytes)
              for c in counts]
     return list(dict.fromkeys(plans))  # in order, without repeats
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import ledgers
 import nanosp
 import train
 
@@ -190,6 +191,40 @@ def test_grad_norm_unsharded_equals_torch():
     model(idx, idx)[1].backward()
     want = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     assert train.grad_norm(model, dict(model.named_parameters())).item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_activation_budget_replans_as_the_batch_length_changes(text, tmp_path):
+    """--seq-len-schedule 8,32,16 with --activation-budget: every logged step names its plan and its
+    predicted bytes, which stay within the budget; short batches keep every activation, long ones
+    recompute; and the losses are those of the same run without recomputation, bit for bit."""
+    cfg = nanosp.GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, dropout=0.1)
+    costs = {T: ledgers.recompute_costs(cfg, 1, 8, T, torch.float32) for T in (8, 16, 32)}
+    budget = 2 * costs[16]["none"][0]  # T = 16 fits without recompute; T = 32 does not
+    assert 2 * costs[32]["none"][0] > budget
+    common = [*SMALL, "--data", text, "--steps", 6, "--dropout", 0.1, "--seq-len-schedule", "8,32,16"]
+    planned, plain = tmp_path / "planned", tmp_path / "plain"
+    printed = run([*common, "--activation-budget", budget, "--out-dir", planned]).stdout
+    run([*common, "--out-dir", plain])
+    got, want = read_log(planned), read_log(plain)
+    assert [got[s]["seq_len"] for s in range(1, 7)] == [8, 32, 16] * 2
+    for step, record in got.items():
+        T = record["seq_len"]
+        assert record["activation_bytes"] <= budget and record["loss"] == want[step]["loss"]
+        assert record["recompute"] == str(ledgers.plan_recompute(cfg, 1, 8, T, torch.float32, budget))
+        assert (record["recompute"] == "none x2") == (T < 32), record
+    assert f"T 32: {got[2]['recompute']}" in printed
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--activation-budget", "1000"], "--activation-budget 1,000: no recompute plan fits"),
+    (["--activation-budget", "2GiB", "--recompute", "full"], "--activation-budget chooses what to recompute"),
+    (["--activation-budget", "2XB"], "'2XB' is not a size"),
+    (["--seq-len-schedule", "8,x"], "'8,x' is not a comma-separated list"),
+    (["--seq-len-schedule", "8,40"], "--seq-len-schedule 40: sequence length T=40 must be in [1, block_size=32]"),
+])
+def test_budget_and_schedule_errors(argv, says, text, tmp_path):
+    proc = run([*SMALL, "--data", text, *argv, "--out-dir", tmp_path], check=False)
+    assert proc.returncode == 2 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_kill_and_resume_reproduces_the_run(text, tmp_path):
