@@ -1,6 +1,6 @@
 """kernels.py against nanosp's definitions of the same ops.
 
-On CPU (CI has nvcc and no GPU), in one build of about half a minute:
+On CPU (CI has nvcc and no GPU), after one build (half a minute, the parts compiled in parallel):
 - importing kernels compiles nothing; NANOSP_KERNELS=0 and a failed build (one warning) turn it off;
 - the extension's C++ and CUDA sources compile (g++; nvcc for sm_90), link and import;
 - the dropout hash, kernels' own CUDA text compiled by nvcc for the host, gives nanosp's masks bit
@@ -79,9 +79,10 @@ def f64(*tensors):
 
 
 def test_import_compiles_nothing_and_cpu_has_no_kernels():
-    code = ("import sys, kernels; assert kernels._build.cache_info().currsize == 0; "
+    code = ("import sys, torch, kernels; built = kernels._build.cache_info; assert built().currsize == 0; "
+            "a = kernels.available(); assert built().currsize == 0 and built().misses == 0, 'built'; "
             "assert 'torch.utils.cpp_extension' not in sys.modules, 'imported the builder'; "
-            "print(kernels.available())")
+            "assert not torch.cuda.is_initialized(), 'initialized CUDA'; print(a)")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
