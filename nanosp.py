@@ -743,56 +743,69 @@ M32 = 0xFFFFFFFF
 SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3
 
 
-def mix32(x):
-    """A 32-bit integer hash (xor-shift-multiply), exact on int64 tensors and Python ints.
+def mix32(x, k=0):
+    """A keyed 32-bit integer hash: two xor-shift-multiply rounds with the key k in between.
 
-    Values stay in [0, 2**32). The multiplications are split into 16-bit halves so that no
-    intermediate leaves int64: the CUDA kernels compute the same bits with uint32 arithmetic.
+    Exact on Python ints and on int64 tensors of values in [0, 2^32) (in place on a tensor): both
+    multipliers are below 2^31, so no product leaves int64. kernels.py computes the same bits in
+    uint32 arithmetic.
     """
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mul32(x, c):
-    """(x * c) mod 2**32 for x < 2**32, without overflowing int64."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x &= M32
+    x ^= k ^ (x >> 15)
+    x *= 0x2C1B3C6D
+    x &= M32
+    x ^= x >> 16
+    return x
 
 
 def dropout_key(seed, layer, site):
-    """The 32-bit key of one dropout site of one layer for one forward pass (Python ints)."""
-    k = mix32(seed & M32)
-    k = mix32(k ^ ((seed >> 32) & M32))
-    k = mix32(k ^ (layer & M32))
-    return mix32(k ^ (site & M32))
+    """The 64-bit key of one dropout site of one layer in one forward pass (Python ints)."""
+    k0 = mix32(mix32(seed & M32, (seed >> 32) & M32) ^ layer, site)
+    return mix32(k0, 0x9E3779B9) << 32 | k0
+
+
+def dropout_threshold(p):
+    """An element is kept when its 16 hash bits are >= this: p rounded to a multiple of 2^-16, so
+    dropout keeps an element with probability exactly 1 - threshold / 2^16."""
+    return min(round(p * 2**16), 2**16 - 1)
 
 
 def dropout_keep_mask(shape, p, key, offset, device=None):
-    """Which elements dropout keeps: True where hash(key, offset + i) >= p * 2**32.
+    """Which elements dropout keeps. Element i of the local tensor (row-major) is element
+    offset + i of the site's global tensor, so a shard of any cut draws its slice of the
+    unsharded model's mask.
 
-    Element i of the local tensor (row-major) is element offset + i of the site's global
-    tensor, so a shard of any cut draws exactly its slice of the unsharded model's mask.
+    One hash serves a pair of elements 2j, 2j + 1 (FlashAttention similarly spends 8 random bits
+    per element): h = mix32(lo ^ k0, k1 + hi * 0x9E3779B9 mod 2^32), with k0, k1 the key's 32-bit
+    words and lo, hi those of j. Element 2j takes h's low 16 bits, element 2j + 1 its high 16 bits.
     """
     numel = math.prod(shape)
-    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    u = mix32(mix32(key ^ (idx & M32)) ^ (idx >> 32))
-    return (u >= int(p * 2**32)).view(shape)
+    first, last = offset // 2, (offset + numel - 1) // 2  # the pairs holding this tensor's elements
+    hashes = []
+    for hi in range(first >> 32, (last >> 32) + 1):  # one pass, unless j crosses a multiple of 2^32
+        lo = torch.arange(max(first, hi << 32) & M32, (min(last, hi << 32 | M32) & M32) + 1, device=device)
+        hashes.append(mix32(lo ^ (key & M32), ((key >> 32) + hi * 0x9E3779B9) & M32))
+    h = torch.cat(hashes)
+    # the 32-bit hashes as 16-bit halves, low half first (little-endian, as everywhere torch runs);
+    # int16 is signed, so each half's top bit is flipped: the order is kept, shifted down by 2^15
+    halves = (h ^ 0x80008000).to(torch.int32).view(torch.int16)
+    return (halves[offset % 2:][:numel] >= dropout_threshold(p) - 2**15).view(shape)
 
 
 class HashDropout(torch.autograd.Function):
-    """out = x * keep / (1 - p); the mask is stored for backward as bool, one byte per element."""
+    """out = x * keep * scale, scale = 1 / (1 - p) for the rounded p, so the expectation of out is
+    x. The mask is stored for backward as bool, one byte per element."""
 
     @staticmethod
     def forward(ctx, x, p, key, offset):
         keep = dropout_keep_mask(x.shape, p, key, offset, x.device)
-        ctx.scale = 1.0 / (1.0 - p)
+        ctx.scale = 2**16 / (2**16 - dropout_threshold(p))
         ctx.save_for_backward(keep)
-        return x.masked_fill(~keep, 0) * ctx.scale
+        return torch.where(keep, x * ctx.scale, 0.0)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad.masked_fill(~keep, 0) * ctx.scale, None, None, None
+        return torch.where(keep, grad * ctx.scale, 0.0), None, None, None
