@@ -91,23 +91,23 @@ def bias_gelu(x, bias):
 # ----------------------------------------------------------------------------------------------
 # 2. dropout: equals nanosp.dropout, and bias_dropout_add equals nanosp.bias_dropout_add
 #
-# The mask, bit for bit nanosp.dropout_keep_mask: element i of a site's global tensor is kept iff
-# mix32(mix32(key ^ lo32(i)) ^ hi32(i)) >= int(p * 2**32). The hash and its threshold are these
-# lines alone (the tests compile this very text for the host).
+# The mask, bit for bit nanosp.dropout_keep_mask: one 32-bit hash per pair j = i / 2 of a site's
+# global tensor, 16 bits per element, kept when >= round(p * 2**16); the tests compile this text.
 
 _CUDA_HASH = r"""
-__host__ __device__ inline bool dropout_keep(uint32_t key, uint64_t i, uint32_t threshold) {
-  uint32_t h = key ^ (uint32_t)i;  // each line below is nanosp.mix32 (uint32 products wrap)
-  h ^= h >> 16, h *= 0x7FEB352Du, h ^= h >> 15, h *= 0x846CA68Bu, h ^= h >> 16;
-  h ^= (uint32_t)(i >> 32);
-  h ^= h >> 16, h *= 0x7FEB352Du, h ^= h >> 15, h *= 0x846CA68Bu, h ^= h >> 16;
-  return h >= threshold;
+__host__ __device__ inline bool dropout_keep(uint64_t key, uint64_t i, uint32_t threshold) {
+  const uint64_t j = i >> 1;
+  const uint32_t k = (uint32_t)(key >> 32) + (uint32_t)(j >> 32) * 0x9E3779B9u;
+  uint32_t h = (uint32_t)j ^ (uint32_t)key;  // nanosp.mix32(h, k), uint32 products wrap
+  h ^= h >> 16, h *= 0x7FEB352Du, h ^= k ^ (h >> 15), h *= 0x2C1B3C6Du, h ^= h >> 16;
+  return ((h >> (16 * (i & 1))) & 0xFFFFu) >= threshold;  // element 2j: the low 16 bits; 2j + 1: the high
 }
 """
 
 
-def _threshold(p):
-    return int(p * 2**32)
+def _mask_args(p, key, offset):  # the key as an int64; threshold and scale as nanosp's, of p rounded to 2**-16
+    threshold = min(round(p * 2**16), 2**16 - 1)
+    return key - 2**64 if key >= 2**63 else key, offset, threshold, 2**16 / (2**16 - threshold)
 
 
 _CUDA_DROPOUT = r"""
@@ -117,7 +117,7 @@ _CUDA_DROPOUT = r"""
 // dropout) skips the hash.
 template <typename T>
 __global__ void dropout_add_kernel(const T* x, const T* bias, const T* residual, T* out, int64_t n, int64_t n_bias,
-                                   uint32_t key, uint64_t offset, uint32_t threshold, float scale, bool vec) {
+                                   uint64_t key, uint64_t offset, uint32_t threshold, float scale, bool vec) {
   constexpr int V = 16 / sizeof(T);
   const int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (i >= n) return;
@@ -136,7 +136,7 @@ __global__ void dropout_add_kernel(const T* x, const T* bias, const T* residual,
 extern "C" const char* dropout_add(int dtype, ptr x, ptr bias, ptr residual, ptr out, int64_t n, int64_t n_bias,
                                    int64_t key, int64_t offset, int64_t threshold, float scale, ptr stream) {
   WITH_T(dtype, dropout_add_kernel<<<grid(chunks(n, sizeof(T)), 256), 256, 0, (cudaStream_t)stream>>>(
-      (const T*)x, (const T*)bias, (const T*)residual, (T*)out, n, n_bias, (uint32_t)key, (uint64_t)offset,
+      (const T*)x, (const T*)bias, (const T*)residual, (T*)out, n, n_bias, (uint64_t)key, (uint64_t)offset,
       (uint32_t)threshold, scale, vectorized(n_bias, sizeof(T), {x, bias, residual, out})));
   return launch_error();
 }
@@ -149,7 +149,7 @@ class DropoutAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, p, key, offset):
         _check_dropout(p, key, offset, x.numel())
-        ctx.mask = (key, offset, _threshold(p), 1.0 / (1.0 - p))
+        ctx.mask = _mask_args(p, key, offset)
         ctx.n_bias = 0 if bias is None else bias.numel()
         out = torch.empty_like(x)
         _run("dropout_add", x, x, bias, residual, out, x.numel(), ctx.n_bias, *ctx.mask)
@@ -317,8 +317,8 @@ def _checked(name, t, like=None, shape=None):
 def _check_dropout(p, key, offset, numel):
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p={p} must be in [0, 1)")
-    if not isinstance(key, int) or not 0 <= key < 2**32:
-        raise ValueError(f"dropout key={key!r} must be an int in [0, 2**32)")
+    if not isinstance(key, int) or not 0 <= key < 2**64:
+        raise ValueError(f"dropout key={key!r} must be an int in [0, 2**64)")
     if not isinstance(offset, int) or not 0 <= offset <= 2**63 - 1 - numel:
         raise ValueError(f"dropout offset={offset!r} must be an int in [0, 2**63 - 1 - {numel}]")
 

@@ -229,7 +229,7 @@ extern "C" int emulator_faults() { const int f = faults; faults = 0; return f; }
 HASH_HOST = r"""
 #include <stdint.h>
 %s
-extern "C" void keep_mask(uint8_t* out, int64_t n, uint32_t key, uint64_t offset, uint32_t threshold) {
+extern "C" void keep_mask(uint8_t* out, int64_t n, uint64_t key, uint64_t offset, uint32_t threshold) {
   for (int64_t i = 0; i < n; ++i) out[i] = dropout_keep(key, offset + i, threshold);
 }
 """
@@ -337,12 +337,12 @@ offsets = (st.sampled_from([0, 2**32 - 1, 2**32 - 777, 2**32, 2**40 + 3, 2**62 -
 
 
 @HASH_SETTINGS
-@given(n=st.integers(1, 3000), key=st.integers(0, 2**32 - 1), offset=offsets,
+@given(n=st.integers(1, 3000), key=st.integers(0, 2**64 - 1), offset=offsets,
        p=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1 - 2**-30]) | st.floats(0.0, 1.0, exclude_max=True))
 def test_hash_on_the_host_is_nanosp_mask_bit_for_bit(built, n, key, offset, p):
     out = torch.full((n,), 7, dtype=torch.uint8)
-    built.hash.keep_mask(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n), ctypes.c_uint32(key),
-                         ctypes.c_uint64(offset), ctypes.c_uint32(kernels._threshold(p)))
+    built.hash.keep_mask(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n), ctypes.c_uint64(key),
+                         ctypes.c_uint64(offset), ctypes.c_uint32(kernels._mask_args(p, key, offset)[2]))
     assert torch.equal(out, nanosp.dropout_keep_mask((n,), p, key, offset).to(torch.uint8))
 
 
@@ -417,7 +417,8 @@ def test_dropout_masks_are_nanosp_masks(device, dtype, shape, offset):
         keep = nanosp.dropout_keep_mask(shape, p, key, offset, device=device)
         ones = torch.ones(shape, dtype=dtype, device=device)
         out, (grad,) = grads(lambda x: kernels.dropout(x, p, key, offset), [ones], 2 * ones)
-        scale = torch.tensor(1 / (1 - p), dtype=torch.float32).to(dtype).item()  # rounded as the kernel stores
+        scale = 2**16 / (2**16 - nanosp.dropout_threshold(p))  # 1 / (1 - p) for p rounded to 2**-16
+        scale = torch.tensor(scale, dtype=torch.float32).to(dtype).item()  # rounded as the kernel stores
         assert torch.equal(out != 0, keep) and torch.equal(out[keep], torch.full_like(out[keep], scale))
         assert torch.equal(grad != 0, keep)
         assert_close(grad, nanosp.dropout(2 * ones.double(), p, key, offset), EPS[dtype])
@@ -518,7 +519,7 @@ def test_bad_inputs_are_refused_by_name():
              (lambda: kernels.bias_dropout_add(x, b, x[:2], 0.1, 1, 0), "residual has shape"),
              (lambda: kernels.causal_softmax(x, 1.0), r"scores has shape \(4, 8\); expected \(..., T, T\)"),
              (lambda: kernels.dropout(x, 1.0, 1, 0), "p=1.0"), (lambda: kernels.dropout(x, 0.1, -1, 0), "key=-1"),
-             (lambda: kernels.dropout(x, 0.1, 2**32, 0), "key=4294967296"),
+             (lambda: kernels.dropout(x, 0.1, 2**64, 0), "key=18446744073709551616"),
              (lambda: kernels.dropout(x, 0.1, 1, -1), "offset=-1")]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
