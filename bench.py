@@ -8,7 +8,7 @@
 3. bytes on the wire per layer for TP and TP+SP, collective by collective
 6. what to recompute for an activation budget: the planner's frontier, GPT-3 175B and a measured nanosp
 4. milliseconds per training step at t = 2 (two gloo CPU processes), beside the paper's Table 4
-5. on CUDA only: the same step times on one GPU, and kernels.benchmark()
+5. on CUDA only: step times on one GPU, and each fused kernel against eager PyTorch and torch.compile
 
 Tensor-parallel sizes above the number of processes are measured on one rank's shard with a
 "fake" process group: every shape and byte count is exact, the values are not.
@@ -32,12 +32,12 @@ SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12
                  flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  frontier=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=7),
-                 cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10)),
+                 cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50))),
     "quick": dict(memory=dict(s=256, h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
                   frontier=dict(L=3, s=64, h=64, a=8, V=128, b=1),
                   time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3),
-                  cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3)),
+                  cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3, kernels=dict(s=256, reps=5))),
 }
 PAPER_MODELS = [("GPT-3 175B", dict(L=96, s=2048, h=12288, V=51200)),
                 ("MT-NLG 530B", dict(L=105, s=2048, h=20480, V=51200))]
@@ -198,7 +198,7 @@ def frontier(cfg, t, B, T, dtype):
     the bytes of n layers moved from none to selective, then of n layers from selective to full."""
     costs, L = ledgers.recompute_costs(cfg, t, B, T, dtype), cfg.n_layer
     counts = [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]  # (full, selective)
-    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.make_plan(costs, L, *c).activation_bytes)
+    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.plan_of(costs, ledgers.counted_modes(L, *c)).activation_bytes)
              for c in counts]
     return list(dict.fromkeys(plans))  # in order, without repeats
 
@@ -327,8 +327,115 @@ def bench_time(size):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# 5. CUDA: step times on one GPU, and the fused kernels against eager PyTorch and torch.compile
+
+# the kernels' shapes: sequence s, hidden h, heads a, micro-batch b (the softmax runs on (a b, s, s))
+KERNEL_MODELS = [("GPT-2 small", dict(h=768, a=12, b=8)), ("GPT-3-like", dict(h=12288, a=96, b=1))]
+
+
+def cuda_ms(fn, reps, warmup=3):
+    """Median milliseconds of fn() over reps runs, each between two CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_cases(s, h, a, b, dtype=torch.bfloat16):
+    """Per op: (name, call(ops, *inputs), inputs, indices of the inputs it differentiates, forward
+    bytes, backward bytes) at transformer sizes. The bytes are the least the op must move: each input
+    read once, each output written once; the causal softmax reads only the lower triangle of its
+    scores (and of the gradient and y in backward). Bias gradients' row sums are not counted."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    e = torch.finfo(dtype).bits // 8
+    key = nanosp.dropout_key(0, 0, nanosp.SITE_ATTN_PROBS)
+    mlp, act, att, tri = s * b * 4 * h, s * b * h, a * b * s * s, a * b * s * (s + 1) // 2
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)
+
+    yield ("bias_gelu", lambda ops, x, bias: ops.bias_gelu(x, bias), (rand(s, b, 4 * h), rand(4 * h)), (0, 1),
+           2 * mlp * e, 3 * mlp * e)
+    yield ("bias_dropout_add", lambda ops, x, bias, r: ops.bias_dropout_add(x, bias, r, 0.1, key, 0),
+           (rand(s, b, h), rand(h), rand(s, b, h)), (0, 1, 2), 3 * act * e, 2 * act * e)
+    yield ("dropout", lambda ops, x: ops.dropout(x, 0.1, key, 0), (rand(a * b, s, s),), (0,), 2 * att * e, 2 * att * e)
+    yield ("causal_softmax", lambda ops, x: ops.causal_softmax(x, s**-0.5), (rand(a * b, s, s),), (0,),
+           (tri + att) * e, (2 * tri + att) * e)
+
+
+def time_kernel_case(call, inputs, wrt, reps):
+    """{pass: {implementation: median ms}} for kernels, nanosp's definition (eager) and torch.compile
+    of it, forward (no grad) and backward (autograd.grad through a graph built once); and a note if
+    torch.compile failed."""
+    import kernels
+
+    torch._dynamo.reset()  # a fresh compile cache: the lambdas below share one code object across cases
+    impls = {"fused": lambda *a: call(kernels, *a), "eager": lambda *a: call(nanosp.REFERENCE_OPS, *a),
+             "compile": torch.compile(lambda *a: call(nanosp.REFERENCE_OPS, *a))}
+    ms, note = {"forward": {}, "backward": {}}, None
+    for name, impl in impls.items():
+        try:
+            def forward(impl=impl):
+                with torch.no_grad():
+                    impl(*inputs)
+
+            ms["forward"][name] = cuda_ms(forward, reps)
+            leaves = [t.detach().requires_grad_(i in wrt) for i, t in enumerate(inputs)]
+            out = impl(*leaves)
+            grad, wanted = torch.randn_like(out), [leaves[i] for i in wrt]
+            ms["backward"][name] = cuda_ms(lambda: torch.autograd.grad(out, wanted, grad, retain_graph=True), reps)
+            del out, grad, leaves, wanted
+        except Exception as e:  # torch.compile may fail on a definition; say so, keep measuring
+            if name != "compile":
+                raise
+            note = f"torch.compile: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return ms, note
+
+
+def bench_kernels(size):
+    """Each fused op at GPT-2 small's and a GPT-3-like width, bf16: ms, GB/s of the least traffic,
+    the fraction of a device-to-device copy's bandwidth, and the speed-up over eager and compile."""
+    rows, notes, copy_gbs = [], [], {}
+    for model, shape in KERNEL_MODELS:
+        for op, call, inputs, wrt, forward_bytes, backward_bytes in kernel_cases(size["s"], **shape):
+            ms, note = time_kernel_case(call, inputs, wrt, size["reps"])
+            notes += [f"{model} {op}: {note}"] if note else []
+            n_bytes = inputs[0].numel() * inputs[0].element_size()
+            if n_bytes not in copy_gbs:  # y.copy_(x) at the op's size, reads and writes counted
+                src = torch.empty_like(inputs[0])
+                dst = torch.empty_like(src)
+                copy_gbs[n_bytes] = 2 * n_bytes / cuda_ms(lambda: dst.copy_(src), size["reps"]) / 1e6
+                del src, dst
+            for phase, n in (("forward", forward_bytes), ("backward", backward_bytes)):
+                t = ms[phase]
+                gbs = n / t["fused"] / 1e6
+                rows.append(dict(model=model, op=op, phase=phase, shape=tuple(inputs[0].shape), ms=t["fused"],
+                                 GBps=gbs, of_copy=gbs / copy_gbs[n_bytes], eager_ms=t["eager"],
+                                 vs_eager=t["eager"] / t["fused"], compile_ms=t.get("compile"),
+                                 vs_compile=t["compile"] / t["fused"] if "compile" in t else None))
+            del inputs
+            torch.cuda.empty_cache()
+    table(f"5b. Fused kernels (kernels.py) on {torch.cuda.get_device_name()}, bf16, s={size['s']}: median of "
+          f"{size['reps']}; GB/s of the least traffic; of copy = its fraction of y.copy_(x) at the op's size; "
+          f"speed-ups over nanosp's definition, eager and under torch.compile",
+          ["model", "op", "pass", "shape", "ms", "GB/s", "of copy", "vs eager", "vs compile"],
+          [(r["model"], r["op"], r["phase"], r["shape"], f"{r['ms']:.3f}", f"{r['GBps']:.0f}", f"{r['of_copy']:.2f}",
+            f"{r['vs_eager']:.2f}x", "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}x") for r in rows])
+    for note in notes:
+        print(f"\n{note}")
+    return dict(rows=rows, copy_GBps=copy_gbs, notes=notes)
+
+
 def bench_cuda(size):
-    """Unsharded none / selective / full on one GPU (bf16, fused kernels), then kernels.benchmark()."""
+    """Unsharded none / selective / full on one GPU (bf16, fused kernels), then the kernels alone."""
     if not torch.cuda.is_available():
         print("\n### 5. CUDA\n\nNo CUDA device here: GPU step times and the kernel benchmark were skipped.")
         return dict(skipped="no CUDA device")
@@ -338,22 +445,14 @@ def bench_cuda(size):
     rows = time_table(f"5a. Time per training step on one GPU ({torch.cuda.get_device_name()}), unsharded, "
                       f"bf16: L={size['L']} s={size['s']} h={size['h']} a={size['a']} b={size['b']}",
                       {"dropout 0.1": ms}, {"none": 1.00, "selective": 1.07, "full": 1.39})
-    result = dict(time=rows)
-    try:
-        import kernels
-    except ImportError:
-        print("\nkernels.py is not importable here: no kernel benchmark.")
-        return result
+    del models
+    import kernels
+
     if not kernels.available():
-        print("\nkernels.available() is False (the extension did not build): no kernel benchmark.")
-        return result
-    result["kernels"] = kernels.benchmark()
-    table("5b. Fused kernels (kernels.benchmark()): GB/s of minimal traffic, fraction of copy bandwidth",
-          ["op", "shape", "dtype", "ms", "GB/s", "of copy", "vs eager", "vs compile"],
-          [(r["op"], r["shape"], r["dtype"], f"{r['ms']:.3f}", f"{r['GBps']:.0f}", f"{r['frac_copy']:.2f}",
-            f"{r['vs_eager']:.2f}x", "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}x")
-           for r in result["kernels"]])
-    return result
+        print("\nkernels.available() is False (NANOSP_KERNELS=0, or the extension did not build): "
+              "no kernel benchmark.")
+        return dict(time=rows)
+    return dict(time=rows, kernels=bench_kernels(size["kernels"]))
 
 
 def main():

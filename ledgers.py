@@ -207,11 +207,14 @@ def recompute_costs(cfg, t, B, T, dtype):
             for m in nanosp.RECOMPUTE_MODES}
 
 
-def make_plan(costs, n_layer, n_full, n_selective):
+def plan_of(costs, modes):
+    """The plan of these per-layer modes, with its costs from recompute_costs."""
+    return RecomputePlan(tuple(modes), sum(costs[m][0] for m in modes), sum(costs[m][1] for m in modes))
+
+
+def counted_modes(n_layer, n_full, n_selective):
     """n_full layers recomputed fully, then n_selective selectively, the rest not at all."""
-    counts = {"full": n_full, "selective": n_selective, "none": n_layer - n_full - n_selective}
-    return RecomputePlan(sum(((m,) * n for m, n in counts.items()), ()),
-                         sum(costs[m][0] * n for m, n in counts.items()), sum(costs[m][1] * n for m, n in counts.items()))
+    return ("full",) * n_full + ("selective",) * n_selective + ("none",) * (n_layer - n_full - n_selective)
 
 
 def plan_recompute(cfg, t, B, T, dtype, budget):
@@ -230,7 +233,7 @@ def plan_recompute(cfg, t, B, T, dtype, budget):
     if best is None:
         raise ValueError(f"no recompute plan fits an activation budget of {budget:,} bytes per rank at B={B}, "
                          f"T={T}, t={t}: the smallest, full recompute of all {L} layers, needs {L * full_bytes:,}")
-    return make_plan(recompute_costs(cfg, t, B, T, dtype), L, *best[1:])
+    return plan_of(recompute_costs(cfg, t, B, T, dtype), counted_modes(L, *best[1:]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,35 +1,29 @@
 """nanosp: tensor parallelism, sequence parallelism and selective activation recomputation,
-in one GPT you can read top to bottom.
-
-The three ideas, and where they live in this file:
+in one GPT you can read top to bottom. The three ideas, and where they live:
 
 1. Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM"). Attention is split by heads and the
-   MLP by its hidden dimension across the t ranks of `group`: a ColumnParallelLinear followed by a
-   RowParallelLinear, with the conjugate pair f (identity / all-reduce) and f̄ (all-reduce /
-   identity) around them. Sections "collectives" and "parallel layers".
+   MLP by its hidden dimension across the t ranks of `group`: a column-parallel linear, then a
+   row-parallel one, between the conjugate pair f (identity / all-reduce) and f̄ (all-reduce /
+   identity). Sections "collectives" and "parallel layers".
 2. Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
    Transformer Models"). LayerNorm and dropout, which tensor parallelism leaves replicated, run on
-   T/t sequence shards: f becomes g (all-gather / reduce-scatter) and f̄ becomes ḡ (reduce-scatter
-   / all-gather). The bytes on the wire stay the same; those activations shrink by t.
-   `sequence_parallel=True`.
+   T/t sequence shards: f becomes g (all-gather / reduce-scatter), f̄ becomes ḡ (reduce-scatter /
+   all-gather); the same bytes on the wire, t times less of those activations. `sequence_parallel`.
 3. Selective activation recomputation (same paper). Only the core attention (QK^T, softmax,
-   dropout, .V), large to store and cheap to recompute, is recomputed in backward.
-   `recompute="selective"`; `recompute="full"` keeps only each layer's input; a tuple gives each
-   layer its own (ledgers.plan_recompute picks one for a memory budget). Section "recomputation".
+   dropout, .V), large to store and cheap to recompute, is recomputed in backward. `recompute=`
+   "selective", "full" (keep only each layer's input), or one mode per layer. "recomputation".
 
 Reading order: config, the four collectives, parallel layers, recomputation, the fusable ops,
 attention / MLP / block, GPT, state dicts; then the dropout hash, a detail the model calls.
-kernels.py holds fused CUDA versions of the fusable ops; ledgers.py measures what the paper
-counts (Table 2's activation bytes, Appendix A's FLOPs, the bytes of every collective).
-
-Activations inside the layers are laid out (T, B, C), sequence first, so that a sequence shard is
-a contiguous block; every shape comment marks the sharded dimension with /t.
+kernels.py has fused CUDA versions of the fusable ops; ledgers.py measures what the paper counts
+and plans what to recompute. Inside the layers activations are (T, B, C), sequence first, so a
+sequence shard is a contiguous block; shape comments mark the sharded dimension with /t.
 
     python ledgers.py       # 4 CPU processes: one step sharded vs unsharded, then Table 2 measured
     torchrun --standalone --nproc_per_node=2 train.py --sequence-parallel --recompute selective
 """
+import dataclasses
 import math
-from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
 from typing import NamedTuple, Optional, Union
@@ -44,11 +38,9 @@ from einops import rearrange
 # ----------------------------------------------------------------------------------------------
 # config
 
-
 RECOMPUTE_MODES = ("none", "selective", "full")
 
-
-@dataclass
+@dataclasses.dataclass
 class GPTConfig:
     vocab_size: int = 256
     block_size: int = 256
@@ -70,9 +62,15 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"n_head would fit among {_divisors(self.n_embd)}")
-        self.recompute = recompute_modes(self.recompute, self.n_layer)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if isinstance(self.recompute, (list, tuple)) and len(self.recompute) == self.n_layer:
+            self.recompute = tuple(self.recompute)  # one mode per layer
+        elif not isinstance(self.recompute, str):
+            raise ValueError(f"recompute={self.recompute!r} must be a mode or a list of n_layer={self.n_layer}")
+        for mode in (self.recompute,) if isinstance(self.recompute, str) else self.recompute:
+            if mode not in RECOMPUTE_MODES:
+                raise ValueError(f"recompute={mode!r} is not one of {RECOMPUTE_MODES}")
 
     def recompute_of(self, layer):
         return self.recompute if isinstance(self.recompute, str) else self.recompute[layer]
@@ -93,22 +91,6 @@ class GPTConfig:
             raise ValueError(f"sequence length T={T} is not divisible by the tensor-parallel size t={t}, "
                              f"which sequence_parallel needs; T={fits or f'a multiple of {t}'} would fit")
 
-
-def recompute_modes(recompute, n_layer):
-    """A recompute mode, or a tuple of n_layer of them (from any sequence); else a ValueError."""
-    if isinstance(recompute, str):
-        modes = (recompute,)
-    elif isinstance(recompute, (list, tuple)) and len(recompute) == n_layer:
-        modes = recompute = tuple(recompute)
-    else:
-        raise ValueError(f"recompute={recompute!r} must be one of {RECOMPUTE_MODES}, or a list of n_layer="
-                         f"{n_layer} of them")
-    for mode in modes:
-        if mode not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute={mode!r} is not one of {RECOMPUTE_MODES}")
-    return recompute
-
-
 def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -126,25 +108,20 @@ def _divisors(n):
 # (forward / backward; Megatron-LM 2019 called f̄ "g".) Each is a no-op on a group of one rank and
 # on group=None, the unsharded model. Gathers and scatters are along dim 0, the sequence.
 
-
 def group_size(group):
     return 1 if group is None else dist.get_world_size(group)
 
-
 def group_rank(group):
     return 0 if group is None else dist.get_rank(group)
-
 
 # torch 2.13 names these all_gather_single / reduce_scatter_single; earlier releases, *_tensor
 _all_gather_into = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_into = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
-
 def all_reduce(x, group):
     """Every rank's x -> their sum on every rank (in place)."""
     dist.all_reduce(x, group=group)
     return x
-
 
 def all_gather_sequence(x, group):
     """(T/t, ...) on each rank -> (T, ...), rank r's shard at rows [r T/t, (r+1) T/t)."""
@@ -152,18 +129,15 @@ def all_gather_sequence(x, group):
     _all_gather_into(out, x.contiguous(), group=group)
     return out
 
-
 def reduce_scatter_sequence(x, group):
     """(T, ...) partial sums on each rank -> (T/t, ...): this rank's rows of the sum."""
     out = x.new_empty((x.shape[0] // group_size(group), *x.shape[1:]))
     _reduce_scatter_into(out, x.contiguous(), group=group)
     return out
 
-
 class CopyToTensorParallelRegion(torch.autograd.Function):
-    """f: forward identity, backward all-reduce. Every rank's column-parallel linear reads the
-    same input, so each holds a partial gradient of it. Given several tensors, f sums all their
-    gradients with one all-reduce of one flat buffer."""
+    """f: forward identity, backward all-reduce: every rank's column-parallel linear reads the same
+    input, so each holds a partial gradient of it. Several tensors: one all-reduce of a flat buffer."""
 
     @staticmethod
     def forward(ctx, group, *xs):
@@ -174,7 +148,6 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
     def backward(ctx, *grads):
         flat = all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), ctx.group)
         return None, *(part.view_as(grad) for part, grad in zip(flat.split([g.numel() for g in grads]), grads))
-
 
 class ReduceFromTensorParallelRegion(torch.autograd.Function):
     """f̄: forward all-reduce, backward identity. Sums the row-parallel linear's partial outputs."""
@@ -187,11 +160,9 @@ class ReduceFromTensorParallelRegion(torch.autograd.Function):
     def backward(ctx, grad):
         return grad, None
 
-
 class GatherFromSequenceParallelRegion(torch.autograd.Function):
-    """g: forward all-gather along the sequence, backward reduce-scatter. The backward is a
-    reduce-scatter, not a split: every rank's linear used the whole gathered sequence, so each
-    holds a partial gradient for every shard."""
+    """g: forward all-gather along the sequence, backward reduce-scatter (not a split: every rank
+    used the whole sequence, so each holds a partial gradient of every shard)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -202,10 +173,8 @@ class GatherFromSequenceParallelRegion(torch.autograd.Function):
     def backward(ctx, grad):
         return reduce_scatter_sequence(grad, ctx.group), None
 
-
 class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    """ḡ: forward reduce-scatter along the sequence, backward all-gather. Sums the row-parallel
-    linear's partial outputs and keeps this rank's rows of the sum."""
+    """ḡ: forward reduce-scatter along the sequence (this rank's rows of the sum), backward all-gather."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -216,18 +185,15 @@ class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
     def backward(ctx, grad):
         return all_gather_sequence(grad, ctx.group), None
 
-
+# the four operators, as the layers call them
 def f(x, group):
     return x if group_size(group) == 1 else CopyToTensorParallelRegion.apply(group, x)[0]
-
 
 def f_bar(x, group):
     return x if group_size(group) == 1 else ReduceFromTensorParallelRegion.apply(x, group)
 
-
 def g(x, group):
     return x if group_size(group) == 1 else GatherFromSequenceParallelRegion.apply(x, group)
-
 
 def g_bar(x, group):
     return x if group_size(group) == 1 else ReduceScatterToSequenceParallelRegion.apply(x, group)
@@ -236,14 +202,11 @@ def g_bar(x, group):
 # ----------------------------------------------------------------------------------------------
 # parallel layers
 
-
 class LinearWithSequenceGather(torch.autograd.Function):
-    """g fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b.
-
-    Unfused, the linear would save the gathered (T, B, C) input for its weight gradient. This
-    saves only the (T/t, B, C) shard and gathers it again in backward: one more all-gather, and the
-    paper's 10 + 24/t bytes per sbh become 34/t.
-    """
+    """g fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b. Unfused, the linear
+    would save the gathered (T, B, C) input for its weight gradient; this saves the (T/t, B, C)
+    shard and gathers it again in backward: one more all-gather, and the paper's 10 + 24/t bytes
+    per sbh become 34/t."""
 
     @staticmethod
     def forward(ctx, x_shard, weight, bias, group):
@@ -262,13 +225,11 @@ class LinearWithSequenceGather(torch.autograd.Function):
         grad_bias = grad_y2d.sum(0) if ctx.has_bias else None
         return grad_x, grad_weight, grad_bias, None
 
-
 def column_parallel_linear(x, weight, bias, group, sequence_parallel):
     """Y = X W^T + b with W split by output features. x: (T/t, B, C) under SP, else (T, B, C)."""
     if sequence_parallel and group_size(group) > 1:
         return LinearWithSequenceGather.apply(x, weight, bias, group)  # g, then the linear
     return F.linear(f(x, group), weight, bias)
-
 
 class ColumnParallelLinear(nn.Module):
     """Output features split across ranks. With chunks=3 (the fused QKV projection) each of the
@@ -284,7 +245,6 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x, add_bias=True):  # (T/t or T, B, C) -> (T, B, n/t)
         bias = self.bias if add_bias else None
         return column_parallel_linear(x, self.weight, bias, self.group, self.sequence_parallel)
-
 
 class RowParallelLinear(nn.Module):
     """Input features split across ranks; each rank's product is a partial sum, reduced by f̄ (TP)
@@ -305,30 +265,25 @@ class RowParallelLinear(nn.Module):
             y = f_bar(y, self.group)  # (T, B, C)
         return y, fwd.param(self.bias)
 
-
 def replicated_through_f(module, group, sequence_parallel):
-    """Under SP the replicated parameters (LayerNorms, row-parallel biases, wpe) see only this
-    rank's sequence shard, so each rank holds a partial gradient of them. The layers read them
-    through one f, whose backward runs once every layer is done with them and sums all their
-    gradients in one all-reduce; it does so on every backward, so gradient accumulation and
-    recomputation need nothing more. Returns {parameter: what the layers read instead}."""
+    """Under SP the replicated parameters (LayerNorms, row-parallel biases, wpe) see one sequence
+    shard, so each rank holds a partial gradient of them. The layers read them through one f, whose
+    backward runs once every layer is done with them: one all-reduce of all their gradients, on every
+    backward, so gradient accumulation and recomputation need nothing more. {parameter: its read}."""
     if not sequence_parallel or group_size(group) == 1:
         return {}
     params = [p for m in module.modules() for name, p in m.named_parameters(recurse=False)
               if name not in getattr(m, "shard_dims", {})]
     return dict(zip(params, CopyToTensorParallelRegion.apply(group, *params)))
 
-
 class VocabParallelEmbedding(nn.Module):
-    """Embedding rows split by vocabulary: rank r holds tokens [r V'/t, (r+1) V'/t), where V' is
-    vocab_size padded up to a multiple of t. Padding rows are never looked up, and their logits
-    are masked out of the loss."""
+    """Rows split by vocabulary: rank r holds tokens [r V'/t, (r+1) V'/t), V' = vocab_size padded to
+    a multiple of t. Padding rows are never looked up, and their logits are masked out of the loss."""
 
     def __init__(self, vocab_size, dim, group):
         super().__init__()
-        t = group_size(group)
         self.vocab_size, self.group = vocab_size, group
-        self.per_rank = -(-vocab_size // t)  # ceil(V / t)
+        self.per_rank = -(-vocab_size // group_size(group))  # ceil(V / t)
         self.start = group_rank(group) * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
         self.shard_dims = {"weight": (0, 1)}
@@ -339,10 +294,8 @@ class VocabParallelEmbedding(nn.Module):
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
         return x.masked_fill(outside[..., None], 0.0)
 
-
 class GatherFromVocabRegion(torch.autograd.Function):
-    """Logits split by vocabulary -> full logits on every rank (inference only; training never
-    gathers them). Backward keeps this rank's slice of the gradient."""
+    """Logits split by vocabulary -> all of them on every rank (inference); backward keeps our slice."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -355,15 +308,10 @@ class GatherFromVocabRegion(torch.autograd.Function):
     def backward(ctx, grad):
         return grad.chunk(group_size(ctx.group), dim=-1)[group_rank(ctx.group)], None
 
-
 def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group):
-    """Mean cross-entropy of logits split by vocabulary, without gathering them (Megatron-LM):
-    loss = log(sum_v exp(z_v - m)) - (z_target - m), each sum reduced across the group.
-
-    logits (T, B, V'/t); targets (T, B), negative targets (-1, -100) are ignored, and a batch
-    with every target ignored has loss 0. f̄'s backward is the identity, which is right here:
-    every rank computes the same loss, and each logit belongs to one rank only.
-    """
+    """Mean cross-entropy of logits (T, B, V'/t) split by vocabulary, never gathered (Megatron-LM):
+    log(sum_v exp(z_v - m)) - (z_target - m), each sum reduced by f̄, whose identity backward is
+    right: every rank computes the same loss. Targets -1 and -100 are ignored (all ignored: 0)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
     n = logits.shape[-1]
     vocab_ids = torch.arange(vocab_start, vocab_start + n, device=logits.device)
@@ -385,11 +333,9 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
 # ----------------------------------------------------------------------------------------------
 # recomputation
 
-
 class Recompute(torch.autograd.Function):
-    """Run fn without keeping its activations; run it again in backward (activation
-    recomputation). Only fn's tensor inputs are saved. Dropout masks are a function of
-    (key, offset) alone, so the replay draws exactly the masks of the first run."""
+    """Run fn keeping only its tensor inputs; run it again in backward (activation recomputation).
+    Dropout masks are a function of (key, offset) alone: the replay draws the first run's masks."""
 
     @staticmethod
     def forward(ctx, fn, *inputs):
@@ -411,22 +357,21 @@ class Recompute(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # the fusable ops: their definitions
 #
-# kernels.py has a CUDA version of each, with the same signature, that reads its inputs once and
-# writes its outputs once. A forward pass picks one set of ops (`ops_for`) and every layer calls
-# through it. key=None means no dropout (evaluation, or p = 0).
-
+# kernels.py has a CUDA version of each, with the same signature, reading its inputs once and
+# writing its outputs once. A forward picks one set (`ops_for`); key=None means no dropout.
 
 def bias_gelu(x, bias):
     """gelu_tanh(x + bias); bias may be None."""
     return F.gelu(x if bias is None else x + bias, approximate="tanh")
 
-
 def dropout(x, p, key, offset):
-    """x * keep / (1 - p), keep = the hashed mask of (key, offset + element index)."""
+    """x * keep / (1 - p), keep the hashed mask of (key, offset + element index); `where` saves
+    the mask for backward, a bool, one byte per element."""
     if key is None or p == 0.0:
         return x
-    return HashDropout.apply(x.contiguous(), p, key, offset)
-
+    threshold = dropout_threshold(p)
+    keep = dropout_keep_mask(x.shape, p, key, offset, x.device)
+    return torch.where(keep, x * (2**16 / (2**16 - threshold)), 0.0)  # 1 / (1 - p) for the rounded p
 
 def bias_dropout_add(x, bias, residual, p, key, offset):
     """residual + dropout(x + bias); bias may be None."""
@@ -434,36 +379,28 @@ def bias_dropout_add(x, bias, residual, p, key, offset):
         x = x + bias
     return residual + dropout(x, p, key, offset)
 
-
 def causal_softmax(scores, scale):
     """softmax(scores * scale + causal mask) over the last dim. scores: (a/t B, T, T)."""
     T = scores.shape[-1]
     mask = torch.full((T, T), float("-inf"), device=scores.device, dtype=scores.dtype).triu(1)
     return F.softmax(scores * scale + mask, dim=-1)  # adds save nothing; softmax saves its output
 
-
 REFERENCE_OPS = SimpleNamespace(bias_gelu=bias_gelu, dropout=dropout, bias_dropout_add=bias_dropout_add,
                                 causal_softmax=causal_softmax)
 
-
 def ops_for(x, cfg):
-    """kernels.py's ops when cfg.fused_kernels, x is on CUDA and the kernels build (NANOSP_KERNELS=0
-    says never); nanosp's definitions otherwise."""
+    """kernels.py when cfg.fused_kernels, x is on CUDA and the kernels build; else nanosp's ops."""
     if cfg.fused_kernels and x.is_cuda:
         import kernels  # imported lazily: it is only needed (and only built) on CUDA
-
         if kernels.available():
             return kernels
     return REFERENCE_OPS
 
-
 class Forward(NamedTuple):
-    """What one forward pass of the model shares with its layers: the ops to call, the seed of its
-    dropout masks (None: no dropout) and, under SP, what the replicated parameters are read
-    through (`GPT.forward` says why)."""
-    ops: SimpleNamespace = REFERENCE_OPS
-    seed: Optional[int] = None
-    shared: dict = {}  # parameter -> the tensor the layers use instead
+    """What one forward pass shares with every layer."""
+    ops: SimpleNamespace = REFERENCE_OPS  # nanosp's definitions, or kernels.py
+    seed: Optional[int] = None  # of the dropout masks; None: no dropout
+    shared: dict = {}  # under SP: replicated parameter -> what the layers read (replicated_through_f)
 
     def param(self, p):
         return self.shared.get(p, p)
@@ -475,7 +412,6 @@ class Forward(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # attention, MLP, block
 
-
 class LayerNorm(nn.Module):
     def __init__(self, dim, bias):
         super().__init__()
@@ -484,7 +420,6 @@ class LayerNorm(nn.Module):
 
     def forward(self, x, fwd):  # saves its input x: 2sbh (2sbh/t under SP)
         return F.layer_norm(x, (x.shape[-1],), fwd.param(self.weight), fwd.param(self.bias), 1e-5)
-
 
 def core_attention(q, k, v, ops, p, key, offset):
     """softmax(Q K^T / sqrt(d) + causal mask), dropout, times V. q, k, v: (a/t B, T, d).
@@ -496,16 +431,13 @@ def core_attention(q, k, v, ops, p, key, offset):
     probs = ops.dropout(probs, p, key, offset)  # saves the mask: as^2b/t (one byte each)
     return torch.bmm(probs, v)  # (a/t B, T, d); saves dropout out 2as^2b/t and V 2sbh/t
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, group, layer):
         super().__init__()
-        t = group_size(group)
         self.cfg, self.group, self.layer = cfg, group, layer
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.first_head = group_rank(group) * (cfg.n_head // t)  # this rank's heads
-        self.c_attn = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, group, cfg.sequence_parallel,
-                                           cfg.bias, chunks=3)
+        self.first_head = group_rank(group) * (cfg.n_head // group_size(group))  # this rank's heads
+        self.c_attn = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, group, cfg.sequence_parallel, cfg.bias, 3)
         self.c_proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
 
     def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
@@ -523,7 +455,6 @@ class CausalSelfAttention(nn.Module):
         y = rearrange(y, "(a B) T d -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
         return self.c_proj(y, fwd)  # (T/t or T, B, C), bias
 
-
 class MLP(nn.Module):
     def __init__(self, cfg, group):
         super().__init__()
@@ -535,7 +466,6 @@ class MLP(nn.Module):
         h = fwd.ops.bias_gelu(h, self.c_fc.bias)  # saves the GeLU input: 8sbh/t
         return self.c_proj(h, fwd)  # saves the GeLU output: 8sbh/t; returns (T/t or T, B, C), bias
 
-
 class Block(nn.Module):
     def __init__(self, cfg, group, layer):
         super().__init__()
@@ -546,12 +476,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, group)
 
     def forward(self, x, fwd):
-        if self.cfg.recompute_of(self.layer) == "full":  # keeps x only (and, under SP, the parameters read through f)
+        if self.cfg.recompute_of(self.layer) == "full":  # keeps x (and the parameters read through f)
             shared = [p for p in self.parameters() if p in fwd.shared]
-
             def layer(x, *params):  # the replay reads the parameters it was given, as inputs
                 return self._forward(x, fwd._replace(shared=dict(zip(shared, params))))
-
             return Recompute.apply(layer, x, *(fwd.shared[p] for p in shared))
         return self._forward(x, fwd)
 
@@ -570,13 +498,10 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # GPT
 
-
 class GPT(nn.Module):
     """A GPT-2-shaped model, tensor parallel over `group` (None: unsharded, no torch.distributed).
-
-    logits, loss = model(idx, targets): with targets, loss only (full-vocabulary logits are never
-    built in training); without, logits (B, T, vocab_size) identical on every rank.
-    """
+    logits, loss = model(idx, targets): with targets, the loss only (training never builds
+    full-vocabulary logits); without, logits (B, T, vocab_size), the same on every rank."""
 
     def __init__(self, cfg, group=None):
         super().__init__()
@@ -597,36 +522,33 @@ class GPT(nn.Module):
 
     def set_recompute(self, recompute):
         """Another recompute plan from the next forward on (a mode, or one per layer)."""
-        self.cfg.recompute = recompute_modes(recompute, self.cfg.n_layer)
+        self.cfg.recompute = dataclasses.replace(self.cfg, recompute=recompute).recompute
 
     def check_input(self, idx, targets):
-        """Refuse what would otherwise run silently wrong. One host sync per forward (the id checks)."""
+        """Refuse what would otherwise run silently wrong."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be (B, T) int64, got {tuple(idx.shape)} {idx.dtype}")
         if targets is not None and (targets.shape != idx.shape or targets.dtype != torch.long):
             raise ValueError(f"targets must be int64 of idx's shape {tuple(idx.shape)}, got "
                              f"{tuple(targets.shape)} {targets.dtype}")
         if torch.is_autocast_enabled(idx.device.type):
-            raise ValueError("torch.autocast is not supported: recomputation would rerun in another dtype and "
-                             "the sequence-gathering linear would mix dtypes. Cast the model instead, "
-                             "model.to(torch.bfloat16), with float32 master weights as in train.py")
+            raise ValueError("torch.autocast is not supported (recomputation would rerun in another dtype): "
+                             "cast the model, model.to(torch.bfloat16), with float32 masters as train.py does")
         self.cfg.check_sequence(idx.shape[1], self.tp_size)
         V = self.cfg.vocab_size
-        bad_idx = (idx < 0) | (idx >= V)
-        bad_targets = torch.zeros_like(bad_idx) if targets is None else (
-            (targets >= V) | ((targets < 0) & (targets != -1) & (targets != -100)))
-        if any(torch.stack([bad_idx.any(), bad_targets.any()]).tolist()):
-            if bad_idx.any():
-                raise ValueError(f"token id {idx[bad_idx][0].item()} in idx is outside [0, vocab_size={V})")
-            raise ValueError(f"target {targets[bad_targets][0].item()} is outside [0, vocab_size={V}) and is "
-                             f"not an ignored position (-1, or PyTorch's -100)")
+        bad = (idx < 0) | (idx >= V)
+        if bad.any():  # a host sync, as each check of values
+            raise ValueError(f"token id {idx[bad][0].item()} in idx is outside [0, vocab_size={V})")
+        bad = None if targets is None else (targets >= V) | (targets < 0) & (targets != -1) & (targets != -100)
+        if bad is not None and bad.any():
+            raise ValueError(f"target {targets[bad][0].item()} is outside [0, vocab_size={V}) and is not "
+                             f"an ignored position (-1, or PyTorch's -100)")
 
     def next_dropout_seed(self):
-        """The seed of this forward's dropout masks: (cfg.seed, training forwards so far)."""
-        if not self.training:
-            return None
-        self.forward_count += 1
-        return (self.cfg.seed & M32) << 32 | ((self.forward_count - 1) & M32) if self.cfg.dropout > 0 else None
+        """(cfg.seed, training forwards so far): the seed of this forward's dropout masks, or None."""
+        self.forward_count += self.training
+        if self.training and self.cfg.dropout > 0:
+            return (self.cfg.seed & M32) << 32 | ((self.forward_count - 1) & M32)
 
     def forward(self, idx, targets=None):
         self.check_input(idx, targets)
@@ -642,12 +564,11 @@ class GPT(nn.Module):
             x = f_bar(x, group)  # (T, B, C)
             positions = torch.arange(T, device=idx.device)
         x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]
-        x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), rank * x.numel() if sp else 0)
+        x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), x.numel() * rank if sp else 0)
         for block in self.h:
             x = block(x, fwd)
         x = self.ln_f(x, fwd)
         logits = column_parallel_linear(x, self.wte.weight, None, group, sp)  # (T, B, V'/t), tied head
-
         if targets is not None:
             return None, vocab_parallel_cross_entropy(logits, targets.T, self.wte.start, cfg.vocab_size, group)
         if t > 1:
@@ -657,15 +578,12 @@ class GPT(nn.Module):
     # -- unsharded state dicts: the same keys and shapes at every t --------------------------------
 
     def full_shapes(self):
-        shapes = {}
-        for name, p in self.named_parameters():
-            shape = list(p.shape)
-            if name in self.shard_dims:
-                shape[self.shard_dims[name][0]] *= self.tp_size
-            if name == "wte.weight":
-                shape[0] = self.cfg.vocab_size  # without the padding
-            shapes[name] = tuple(shape)
-        return shapes
+        """Every parameter's unsharded shape (the vocabulary without its padding)."""
+        shapes = {name: list(p.shape) for name, p in self.named_parameters()}
+        for name, (dim, _) in self.shard_dims.items():
+            shapes[name][dim] *= self.tp_size
+        shapes["wte.weight"][0] = self.cfg.vocab_size
+        return {name: tuple(shape) for name, shape in shapes.items()}
 
     def local_tensor(self, name, full):
         """This rank's shard (a new tensor) of parameter `name`, or of a tensor shaped like it."""
@@ -684,10 +602,9 @@ class GPT(nn.Module):
         else:
             dim, chunks = self.shard_dims[name]
             parts = []
-            for chunk in local.chunk(chunks, dim):
-                gathered = [torch.empty_like(chunk) for _ in range(self.tp_size)]
-                dist.all_gather(gathered, chunk.contiguous(), group=self.group)
-                parts.append(torch.cat(gathered, dim))
+            for chunk in local.chunk(chunks, dim):  # each of q, k, v, or the whole tensor
+                parts += [torch.empty_like(chunk) for _ in range(self.tp_size)]
+                dist.all_gather(parts[-self.tp_size:], chunk.contiguous(), group=self.group)
             full = torch.cat(parts, dim)
         return full[: self.cfg.vocab_size] if name == "wte.weight" else full
 
@@ -712,7 +629,6 @@ class GPT(nn.Module):
                                  f"of shape {shape}")
         for name, p in self.named_parameters():
             p.copy_(self.local_tensor(name, state_dict[name].to(p.device, p.dtype)))
-
 
 def init_full_state_dict(cfg, shapes):
     """GPT-2's initialisation of the unsharded weights, drawn from cfg.seed in a fixed order, so a
@@ -742,57 +658,43 @@ M32 = 0xFFFFFFFF
 # dropout sites of a layer (the embedding dropout uses layer index n_layer)
 SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3
 
-
-def mix32(x):
-    """A 32-bit integer hash (xor-shift-multiply), exact on int64 tensors and Python ints.
-
-    Values stay in [0, 2**32). The multiplications are split into 16-bit halves so that no
-    intermediate leaves int64: the CUDA kernels compute the same bits with uint32 arithmetic.
-    """
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mul32(x, c):
-    """(x * c) mod 2**32 for x < 2**32, without overflowing int64."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
-
+def mix32(x, k=0):
+    """A keyed 32-bit integer hash: two xor-shift-multiply rounds, the key k between them. Exact on
+    Python ints and on int64 tensors of values < 2^32 (in place): the multipliers are < 2^31, so no
+    product leaves int64. kernels.py computes the same bits in uint32 arithmetic."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x &= M32
+    x ^= k ^ (x >> 15)
+    x *= 0x2C1B3C6D
+    x &= M32
+    x ^= x >> 16
+    return x
 
 def dropout_key(seed, layer, site):
-    """The 32-bit key of one dropout site of one layer for one forward pass (Python ints)."""
-    k = mix32(seed & M32)
-    k = mix32(k ^ ((seed >> 32) & M32))
-    k = mix32(k ^ (layer & M32))
-    return mix32(k ^ (site & M32))
+    """The 64-bit key of one dropout site of one layer in one forward pass (Python ints)."""
+    k0 = mix32(mix32(seed & M32, (seed >> 32) & M32) ^ layer, site)
+    return mix32(k0, 0x9E3779B9) << 32 | k0
 
+def dropout_threshold(p):
+    """An element is kept when its 16 hash bits are >= this: p rounded to a multiple of 2^-16; an
+    element is kept with probability exactly 1 - threshold / 2^16."""
+    return min(round(p * 2**16), 2**16 - 1)
 
 def dropout_keep_mask(shape, p, key, offset, device=None):
-    """Which elements dropout keeps: True where hash(key, offset + i) >= p * 2**32.
-
-    Element i of the local tensor (row-major) is element offset + i of the site's global
-    tensor, so a shard of any cut draws exactly its slice of the unsharded model's mask.
-    """
+    """Which elements dropout keeps. Element i of the local tensor (row-major) is element offset + i
+    of the site's global tensor, so a shard of any cut draws its slice of the unsharded mask.
+    One hash serves a pair of elements 2j, 2j + 1 (FlashAttention similarly spends 8 random bits
+    per element): h = mix32(lo ^ k0, k1 + hi * 0x9E3779B9 mod 2^32), with k0, k1 the key's 32-bit
+    words and lo, hi those of j. Element 2j takes h's low 16 bits, element 2j + 1 its high 16."""
     numel = math.prod(shape)
-    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    u = mix32(mix32(key ^ (idx & M32)) ^ (idx >> 32))
-    return (u >= int(p * 2**32)).view(shape)
-
-
-class HashDropout(torch.autograd.Function):
-    """out = x * keep / (1 - p); the mask is stored for backward as bool, one byte per element."""
-
-    @staticmethod
-    def forward(ctx, x, p, key, offset):
-        keep = dropout_keep_mask(x.shape, p, key, offset, x.device)
-        ctx.scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(keep)
-        return x.masked_fill(~keep, 0) * ctx.scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad.masked_fill(~keep, 0) * ctx.scale, None, None, None
+    first, last = offset // 2, (offset + numel - 1) // 2  # the pairs holding this tensor's elements
+    hashes = []
+    for hi in range(first >> 32, (last >> 32) + 1):  # one pass, unless j crosses a multiple of 2^32
+        lo = torch.arange(max(first, hi << 32) & M32, (min(last, hi << 32 | M32) & M32) + 1, device=device)
+        hashes.append(mix32(lo ^ (key & M32), ((key >> 32) + hi * 0x9E3779B9) & M32))
+    h = torch.cat(hashes)
+    # the 32-bit hashes as 16-bit halves, low half first (little-endian, as everywhere torch runs);
+    # int16 is signed, so each half's top bit is flipped: the order is kept, shifted down by 2^15
+    halves = (h ^ 0x80008000).to(torch.int32).view(torch.int16)
+    return (halves[offset % 2:][:numel] >= dropout_threshold(p) - 2**15).view(shape)

@@ -363,12 +363,13 @@ def test_sample_from_a_model_directory_is_transformers_greedy(model_dirs):
 
 
 def test_init_from_a_torch_saved_state_dict(code, tmp_path):
-    """gpt2:FILE, a torch.save of Hugging Face names, keeps working: bytes, the shape from the options."""
+    """gpt2:FILE, a torch.save of Hugging Face names, keeps working: bytes, the shape from the options;
+    --stop-after 0 writes the starting weights as the checkpoint."""
     hf = {"transformer." + k: v for k, v in random_weights(vocab_size=50257).items()}
     torch.save({**hf, "lm_head.weight": hf["transformer.wte.weight"]}, tmp_path / "gpt2.pt")
     run(["--preset", "gpt2", "--n-layer", 2, "--n-head", 4, "--n-embd", 32, "--block-size", 32,
          "--init", f"gpt2:{tmp_path / 'gpt2.pt'}", "--data", code, "--batch-size", 8, "--eval-iters", 1,
-         "--steps", 1, "--lr", 0, "--dtype", "float64", "--out-dir", tmp_path / "out"])
+         "--stop-after", 0, "--dtype", "float64", "--out-dir", tmp_path / "out"])
     ckpt = load_ckpt(tmp_path / "out")
     want = gpt2.hf_to_nanosp(hf, ckpt["config"], "hf")
     assert ckpt["tokenizer"] is None and ckpt["model"].keys() == want.keys()

@@ -14,6 +14,7 @@ import os
 import socket
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -537,26 +538,74 @@ def test_group_without_torch_distributed():
 # dropout masks
 
 
-def test_hash_matches_uint32_arithmetic():
-    def reference(x):  # the hash as the CUDA kernels write it, on Python ints mod 2**32
-        x ^= x >> 16
-        x = (x * 0x7FEB352D) & 0xFFFFFFFF
-        x ^= x >> 15
-        x = (x * 0x846CA68B) & 0xFFFFFFFF
-        return x ^ (x >> 16)
+def keep_mask_uint32(numel, p, key, offset):
+    """The dropout rule written out in numpy's uint32 arithmetic (which wraps by definition), the
+    way the CUDA kernel writes it: pair j = n // 2 hashes once, element n takes the low or high 16
+    bits, kept when they are >= round(p * 2^16)."""
+    n = np.arange(offset, offset + numel, dtype=np.uint64)
+    j = n >> np.uint64(1)
+    with np.errstate(over="ignore"):
+        x = (j & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ np.uint32(key & 0xFFFFFFFF)
+        k = np.uint32(key >> 32) + (j >> np.uint64(32)).astype(np.uint32) * np.uint32(0x9E3779B9)
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= k ^ (x >> np.uint32(15))
+        x *= np.uint32(0x2C1B3C6D)
+        x ^= x >> np.uint32(16)
+    bits = (x >> (np.uint32(16) * (n & np.uint64(1)).astype(np.uint32))) & np.uint32(0xFFFF)
+    return bits >= min(round(p * 2**16), 2**16 - 1)
 
-    xs = torch.randint(0, 2**32, (5000,), generator=torch.Generator().manual_seed(0)).tolist() + [0, 2**32 - 1]
-    assert nanosp.mix32(torch.tensor(xs)).tolist() == [reference(x) for x in xs]
+
+@settings(max_examples=60)
+@given(numel=st.integers(1, 3000), p=st.sampled_from([0.0, 0.01, 0.1, 0.5, 0.9]), seed=st.integers(0, 2**64 - 1),
+       layer=st.integers(0, 99), site=st.integers(0, 3),
+       offset=st.integers(0, 2**40) | st.sampled_from([2**33 - 1, 2**33 - 1000, 2**34 + 1]))
+def test_keep_mask_matches_uint32_arithmetic(numel, p, seed, layer, site, offset):
+    key = nanosp.dropout_key(seed, layer, site)
+    assert 0 <= key < 2**64
+    mask = nanosp.dropout_keep_mask((numel,), p, key, offset)
+    assert np.array_equal(mask.numpy(), keep_mask_uint32(numel, p, key, offset))
 
 
-def test_mask_is_a_slice_of_the_global_mask_and_keeps_1_minus_p():
+def test_mask_is_a_slice_of_the_global_mask():
     key, p = nanosp.dropout_key(7, 1, 2), 0.3
     full = nanosp.dropout_keep_mask((64, 3, 40), p, key, 0)
-    shard = nanosp.dropout_keep_mask((16, 3, 40), p, key, 2 * 16 * 3 * 40)
-    assert torch.equal(shard, full[32:48])
-    n = full.numel()  # keep rate within 5 standard deviations of 1 - p
-    assert abs(full.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
-    assert not torch.equal(full, nanosp.dropout_keep_mask((64, 3, 40), p, nanosp.dropout_key(8, 1, 2), 0))
+    for start, rows in ((32, 16), (7, 9), (0, 1), (62, 1)):  # odd offsets split a hashed pair
+        shard = nanosp.dropout_keep_mask((rows, 3, 40), p, key, start * 3 * 40 + 1)
+        assert torch.equal(shard.flatten(), full.flatten()[start * 3 * 40 + 1:][:rows * 3 * 40])
+
+
+N_STAT = 1 << 20  # statistics over a million mask elements: 5 standard errors is 0.5% of 1 - p
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
+def test_keep_rate_is_1_minus_p(p):
+    keep = nanosp.dropout_keep_mask((N_STAT,), p, nanosp.dropout_key(3, 4, 1), 12345).double()
+    exact = 1 - nanosp.dropout_threshold(p) / 2**16  # p rounded to a multiple of 2^-16
+    assert abs(exact - (1 - p)) <= 2**-17
+    assert abs(keep.mean().item() - exact) < 5 * (exact * (1 - exact) / N_STAT) ** 0.5
+    # and the scale makes dropout unbiased: the mean of dropout(ones) is 1
+    out = nanosp.dropout(torch.ones(N_STAT, dtype=torch.float64), p, nanosp.dropout_key(3, 4, 1), 12345)
+    assert abs(out.mean().item() - 1) < 5 * (p / (1 - p) / N_STAT) ** 0.5
+
+
+def correlation(a, b):
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return ((a * b).mean() / (a.pow(2).mean() * b.pow(2).mean()).sqrt()).item()
+
+
+def test_masks_are_uncorrelated():
+    """Neighbouring elements (in a pair and across pairs), and the same elements of another site,
+    layer, forward pass or seed: every correlation within 5 standard errors (1/sqrt(n)) of 0."""
+    mask = lambda seed, layer, site: nanosp.dropout_keep_mask((N_STAT + 64,), 0.5, nanosp.dropout_key(
+        seed, layer, site), 0)
+    base = mask(11 << 32 | 5, 2, 0)
+    pairs = {f"lag {lag}": (base[:N_STAT], base[lag:N_STAT + lag]) for lag in (1, 2, 3, 64)}
+    pairs.update({"another site": (base, mask(11 << 32 | 5, 2, 1)), "another layer": (base, mask(11 << 32 | 5, 3, 0)),
+                  "the next forward": (base, mask(11 << 32 | 6, 2, 0)), "another seed": (base, mask(12 << 32 | 5, 2, 0))})
+    limit = 5 / N_STAT ** 0.5
+    for what, (a, b) in pairs.items():
+        assert abs(correlation(a, b)) < limit, what
 
 
 # ----------------------------------------------------------------------------------------------

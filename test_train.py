@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ledgers
 import nanosp
 import train
 
@@ -188,6 +189,40 @@ def test_grad_norm_unsharded_equals_torch():
     assert train.grad_norm(model, dict(model.named_parameters())).item() == pytest.approx(want.item(), rel=1e-12)
 
 
+def test_activation_budget_replans_as_the_batch_length_changes(text, tmp_path):
+    """--seq-len-schedule 8,32,16 with --activation-budget: every logged step names its plan and its
+    predicted bytes, which stay within the budget; short batches keep every activation, long ones
+    recompute; and the losses are those of the same run without recomputation, bit for bit."""
+    cfg = nanosp.GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, dropout=0.1)
+    costs = {T: ledgers.recompute_costs(cfg, 1, 8, T, torch.float32) for T in (8, 16, 32)}
+    budget = 2 * costs[16]["none"][0]  # T = 16 fits without recompute; T = 32 does not
+    assert 2 * costs[32]["none"][0] > budget
+    common = [*SMALL, "--data", text, "--steps", 6, "--dropout", 0.1, "--seq-len-schedule", "8,32,16"]
+    planned, plain = tmp_path / "planned", tmp_path / "plain"
+    printed = run([*common, "--activation-budget", budget, "--out-dir", planned]).stdout
+    run([*common, "--out-dir", plain])
+    got, want = read_log(planned), read_log(plain)
+    assert [got[s]["seq_len"] for s in range(1, 7)] == [8, 32, 16] * 2
+    for step, record in got.items():
+        T = record["seq_len"]
+        assert record["activation_bytes"] <= budget and record["loss"] == want[step]["loss"]
+        assert record["recompute"] == str(ledgers.plan_recompute(cfg, 1, 8, T, torch.float32, budget))
+        assert (record["recompute"] == "none x2") == (T < 32), record
+    assert f"T 32: {got[2]['recompute']}" in printed
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--activation-budget", "1000"], "--activation-budget 1,000: no recompute plan fits"),
+    (["--activation-budget", "2GiB", "--recompute", "full"], "--activation-budget chooses what to recompute"),
+    (["--activation-budget", "2XB"], "'2XB' is not a size"),
+    (["--seq-len-schedule", "8,x"], "'8,x' is not a comma-separated list"),
+    (["--seq-len-schedule", "8,40"], "--seq-len-schedule 40: sequence length T=40 must be in [1, block_size=32]"),
+])
+def test_budget_and_schedule_errors(argv, says, text, tmp_path):
+    proc = run([*SMALL, "--data", text, *argv, "--out-dir", tmp_path], check=False)
+    assert proc.returncode == 2 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_kill_and_resume_reproduces_the_run(text, tmp_path):
     """Dropout on, float32, tp=2 with sequence parallelism: 12 steps straight; 6 steps, a crash in
     the middle of a checkpoint write, then resume to 12 at tp=2 and (from a copy) at tp=1."""
@@ -224,7 +259,7 @@ def test_bfloat16_steps_float32_master_weights_and_resumes_exactly(text, tmp_pat
     initial value. bf16 weights alone could not hold that: near 1.0 (the LayerNorm weights) their
     spacing is 2^-7. Resuming from the float32 masters then reproduces the run exactly."""
     init, cut, straight = tmp_path / "init", tmp_path / "cut", tmp_path / "straight"
-    run([*SMALL, "--data", text, "--steps", 1, "--lr", 0, "--out-dir", init])  # float32, unchanged
+    run([*SMALL, "--data", text, "--stop-after", 0, "--out-dir", init])  # the float32 initial weights
     common = [*SMALL, "--data", text, "--steps", 3, "--lr", 1e-4, "--min-lr", 1e-4, "--warmup-steps", 0,
               "--weight-decay", 0, "--grad-clip", 0, "--dtype", "bfloat16", "--tp", 2, "--sequence-parallel"]
     run([*common, "--stop-after", 1, "--out-dir", cut], nproc=2)
@@ -279,7 +314,9 @@ def test_errors(monkeypatch, trained, tmp_path, text):
 
 
 BAD_OPTIONS = [  # (options, what the one line must say)
-    (["--lr", -1], "--lr -1.0 must be a finite number >= 0"),
+    (["--lr", -1], "--lr -1.0 must be a finite number > 0"),
+    (["--lr", 0], "--lr 0.0 must be a finite number > 0"),
+    (["--stop-after", -1], "--stop-after -1 must be at least 0"),
     (["--lr", "nan"], "--lr nan"),
     (["--min-lr", -1], "--min-lr -1.0 must be in [0, --lr 0.001]"),
     (["--min-lr", 0.01], "--min-lr 0.01 must be in [0, --lr 0.001]"),
@@ -290,7 +327,6 @@ BAD_OPTIONS = [  # (options, what the one line must say)
     (["--batch-size", 6, "--grad-accum", 4], "--batch-size 6 is not divisible by dp * grad-accum = 1 * 4"),
     (["--grad-accum", 0], "--grad-accum 0 must be at least 1"),
     (["--steps", 0], "--max-steps 0 must be at least 1"),
-    (["--stop-after", 0], "--stop-after 0 must be at least 1"),
     (["--eval-iters", 0], "--eval-iters 0 must be at least 1"),
     (["--log-interval", 0], "--log-interval 0 must be at least 1"),
     (["--eval-interval", -1], "--eval-interval -1 must be at least 0"),
@@ -481,9 +517,9 @@ def test_failed_checkpoint_write_keeps_the_previous(text, tmp_path):
 
 
 STUCK = {  # how rank 1 stops answering: (rank 0's line, most seconds from the signal to the end)
-    # stopped: rank 0 waits --timeout; torchrun's SIGTERM cannot end a stopped process, so it
-    # sends SIGKILL after its fixed 30 s grace
-    "SIGSTOP": ("a collective on the tensor-parallel group timed out after 6 s: a rank stopped answering", 6 + 30 + 15),
+    # stopped: rank 0 waits --timeout, says so and ends the stopped rank (torchrun's SIGTERM cannot
+    # end a stopped process, and it waits 30 s before its SIGKILL)
+    "SIGSTOP": ("a collective on the tensor-parallel group timed out after 6 s: a rank stopped answering", 6 + 15),
     # gone: rank 0's collective fails at once, as torchrun sees rank 1 end and stops rank 0
     # (SIGTERM): which comes first is a race, so rank 0 may not get to say it
     "SIGKILL": ("a collective on the tensor-parallel group lost a rank: its process ended", 15),

@@ -46,6 +46,8 @@ import json
 import math
 import os
 import resource
+import signal
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -56,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 import gpt2
+import ledgers
 import nanosp
 
 PRESETS = {  # model shape; vocab 256 = bytes
@@ -72,6 +75,10 @@ MULTI_NODE = """multi-node (run on every node, same --master-addr, --node-rank 0
 class Failure(Exception):
     """A run that cannot go on (a collective timed out, a write failed): one line, exit code 1."""
     code = 1
+
+
+class Timeout(Failure):
+    """A collective that timed out: the run is over, so this host's other ranks are ended too."""
 
 
 class Usage(Failure):
@@ -94,17 +101,22 @@ def parse_args(argv=None):
     a("--no-bias", dest="bias", action="store_const", const=False, help="no biases in linears and LayerNorms")
     a("--tp", type=int, help="tensor-parallel size t, dividing the world size (default: all ranks)")
     a("--sequence-parallel", action="store_true")
-    a("--recompute", choices=nanosp.RECOMPUTE_MODES, default="none")
+    a("--recompute", choices=nanosp.RECOMPUTE_MODES, help="for every layer (default none)")
+    a("--activation-budget", type=byte_size, metavar="SIZE",
+      help="per rank, e.g. 2GiB: before each step, recompute the fewest FLOPs whose activations fit "
+           "(ledgers.plan_recompute); re-planned whenever the batch length changes")
     a("--dropout", type=float, default=0.0)
     a("--batch-size", type=int, default=16, help="global sequences per optimizer step")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--seq-len", type=int, help="default: the block size")
-    a("--lr", type=float, default=1e-3, help="peak learning rate; 0 = no update (the checkpoint keeps the "
-      "initial weights, e.g. --init's)")
+    a("--seq-len-schedule", type=int_list, metavar="T1,T2,...",
+      help="the training batches' lengths, step after step, round and round (default: --seq-len)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate")
     a("--min-lr", type=float, help="end of the cosine decay (default lr/10)")
     a("--warmup-steps", type=int, default=10)
     a("--max-steps", "--steps", dest="max_steps", type=int, default=200, help="length of the schedule")
-    a("--stop-after", type=int, help="end this run after this step (the schedule still runs to --max-steps)")
+    a("--stop-after", type=int, help="end this run after this step (the schedule still runs to --max-steps); "
+                                      "0: write the initial (or --init) weights as a step-0 checkpoint")
     a("--weight-decay", type=float, default=0.1)
     a("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 = off")
     a("--seed", type=int, help="weights, data order and dropout masks (default 0, or the checkpoint's)")
@@ -203,6 +215,27 @@ def batch_seed(seed, step, split):  # train: steps 1.., val: eval iterations 0..
 # set-up: every option and file is checked before any work, so all ranks fail alike
 
 
+def byte_size(text):
+    """'2GiB', '512MiB', '1.5GB', '1000000': bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().rstrip("BbIiKkMmGg")
+    unit = text.strip()[len(number):].upper()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 2GiB, 512MiB, 1.5GB, 1000000)") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive size")
+    return int(value)
+
+
+def int_list(text):
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of lengths") from None
+
+
 def check_options(args):
     """Every number in its range, before anything is read; one line each."""
     def need(name, ok, fits):
@@ -211,16 +244,19 @@ def check_options(args):
             raise Usage(f"--{name.replace('_', '-')} {value} {fits}")
 
     for name in ("n_layer", "n_head", "n_embd", "block_size", "tp", "batch_size", "grad_accum", "seq_len",
-                 "max_steps", "stop_after", "eval_iters", "log_interval", "max_new_tokens"):
+                 "max_steps", "eval_iters", "log_interval", "max_new_tokens"):
         need(name, lambda v: v >= 1, "must be at least 1")
-    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "top_k"):
+    for name in ("stop_after", "warmup_steps", "eval_interval", "ckpt_interval", "top_k"):
         need(name, lambda v: v >= 0, "must be at least 0")
-    for name in ("lr", "weight_decay", "grad_clip", "temperature"):
+    need("lr", lambda v: 0 < v < math.inf, "must be a finite number > 0")
+    for name in ("weight_decay", "grad_clip", "temperature"):
         need(name, lambda v: 0 <= v < math.inf, "must be a finite number >= 0")
     need("min_lr", lambda v: 0 <= v <= args.lr, f"must be in [0, --lr {args.lr}]")
     need("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
     need("timeout", lambda v: 0 < v <= 86400, "must be in (0, 86400] seconds")
     need("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
+    if args.activation_budget and args.recompute:
+        raise Usage(f"--activation-budget chooses what to recompute: drop --recompute {args.recompute}")
     if args.sample and not args.prompt:
         raise Usage('--prompt "" is empty: sampling continues at least one byte, e.g. --prompt "\\n"')
 
@@ -316,7 +352,7 @@ def model_config(args, ckpt, ckpt_path, pretrained):
         shape = {k: decided[k] for k in SHAPE_KEYS}
     try:
         return nanosp.GPTConfig(**shape, dropout=args.dropout, sequence_parallel=args.sequence_parallel,
-                                recompute=args.recompute)
+                                recompute=args.recompute or "none")
     except ValueError as e:
         raise Usage(f"checkpoint {ckpt_path}: {e}" if ckpt is not None else e) from None
 
@@ -391,13 +427,16 @@ class Run:
     ckpt_path: str             # OUT_DIR/ckpt.pt, or FROM/ckpt.pt when sampling
     ckpt: dict | None = None   # the checkpoint resumed or sampled from
     seed: int = 0              # weights, data order, dropout: --seed, or the checkpoint's
-    seq_len: int = 0
+    seq_len: int = 0           # of the validation batches
+    seq_lens: tuple = ()       # of the training batches, step after step, round and round
+    plans: dict = dataclasses.field(default_factory=dict)  # --activation-budget: {T: its RecomputePlan}
     data: tuple | None = None  # (training tokens, validation tokens)
     init: dict | None = None   # --init's weights (or --from's model directory's), in nanosp's keys
     tokenizer: gpt2.Tokenizer | None = None  # None: tokens are bytes
     prompt: list | None = None  # --prompt's token ids, when sampling
     tp_group: object = None    # the process groups, set by setup_distributed
     dp_group: object = None
+    peers: list = dataclasses.field(default_factory=list)  # (host, pid) of every rank
 
     @property
     def dp_rank(self):  # which data-parallel replica this rank belongs to
@@ -451,15 +490,23 @@ def validate(args, world, rank):
         return run
     run.seed = cfg.seed  # the checkpoint's when resuming
     run.seq_len = cfg.block_size if args.seq_len is None else args.seq_len
-    try:
-        cfg.check_sequence(run.seq_len, t)
-    except ValueError as e:
-        raise Usage(f"--seq-len {run.seq_len}: {e}") from None
+    run.seq_lens = tuple(args.seq_len_schedule or [run.seq_len])
+    for T, option in [(run.seq_len, "--seq-len")] + [(T, "--seq-len-schedule") for T in run.seq_lens]:
+        try:
+            cfg.check_sequence(T, t)
+        except ValueError as e:
+            raise Usage(f"{option} {T}: {e}") from None
+    for T in dict.fromkeys(run.seq_lens) if args.activation_budget else ():
+        try:
+            run.plans[T] = ledgers.plan_recompute(cfg, t, run.rows, T, getattr(torch, args.dtype), args.activation_budget)
+        except ValueError as e:
+            raise Usage(f"--activation-budget {args.activation_budget:,}: {e}") from None
     run.data = load_data(args.data, run.tokenizer)
-    if min(len(run.data[0]), len(run.data[1])) <= run.seq_len:
+    longest = max(run.seq_len, *run.seq_lens)
+    if min(len(run.data[0]), len(run.data[1])) <= longest:
         unit = "bytes" if run.tokenizer is None else "tokens"
         raise Usage(f"--data {args.data or '(the stdlib sources)'}: {len(run.data[1])} validation {unit} "
-                    f"(the last 10%), --seq-len {run.seq_len} needs more")
+                    f"(the last 10%), a sequence of {longest} needs more")
     if args.init and ckpt is None:
         run.init = pretrained.state_dict if pretrained else load_init_file(args, cfg)
     check_out_dir(args, resuming=args.resume)
@@ -476,12 +523,11 @@ def collectives(group, run):
     except RuntimeError as e:
         text = str(e).lower()
         if "timed out" in text or "timeout" in text:
-            why = f"timed out after {run.args.timeout:g} s: a rank stopped answering"
-        elif "connection reset" in text or "connection closed" in text or "broken pipe" in text:
-            why = "lost a rank: its process ended"
-        else:
-            raise
-        raise Failure(f"a collective on the {group} group {why}") from None
+            raise Timeout(f"a collective on the {group} group timed out after {run.args.timeout:g} s: "
+                          f"a rank stopped answering") from None
+        if "connection reset" in text or "connection closed" in text or "broken pipe" in text:
+            raise Failure(f"a collective on the {group} group lost a rank: its process ended") from None
+        raise
 
 
 def setup_distributed(run):
@@ -498,6 +544,8 @@ def setup_distributed(run):
         # every rank creates every group, in the same order
         tp_groups = [dist.new_group(list(range(d * t, d * t + t)), timeout=timeout) for d in range(dp)]
         dp_groups = [dist.new_group(list(range(r, world, t)), timeout=timeout) for r in range(t)]
+        run.peers = [None] * world
+        dist.all_gather_object(run.peers, (socket.gethostname(), os.getpid()))
         dist.barrier()  # every rank has read the run's files before rank 0 changes --out-dir
     run.tp_group = tp_groups[run.rank // t] if t > 1 else None
     run.dp_group = dp_groups[run.rank % t] if dp > 1 else None
@@ -658,10 +706,10 @@ def build_model(cfg, tp_group, device, dtype, state_dict, source):
     return model.to(dtype), masters
 
 
-def train_step(run, model, masters, optimizer, step):
+def train_step(run, model, masters, optimizer, step, seq_len):
     """One optimizer step on the global batch of `step`; returns (mean loss, gradient norm)."""
     args, dp, dp_rank, rows = run.args, run.dp, run.dp_rank, run.rows
-    x_all, y_all = get_batch(run.data[0], args.batch_size, run.seq_len, batch_seed(run.seed, step, "train"))
+    x_all, y_all = get_batch(run.data[0], args.batch_size, seq_len, batch_seed(run.seed, step, "train"))
     params = list(model.parameters())  # in the order of masters
     loss_sum = 0.0
     for micro in range(args.grad_accum):
@@ -711,41 +759,52 @@ def train(run):
     if run.rank == 0:
         remove_stale_temps(args.out_dir)
         log = open_log(os.path.join(args.out_dir, "log.jsonl"), start)
-    stop = min(args.max_steps, args.stop_after or args.max_steps)
-    say(f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={cfg.recompute}, "
-        f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {run.seq_len} tokens in "
+    stop = args.max_steps if args.stop_after is None else min(args.max_steps, args.stop_after)
+    recompute = f"for {args.activation_budget:,} bytes" if run.plans else cfg.recompute
+    lengths = "/".join(map(str, run.seq_lens))
+    say(f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={recompute}, "
+        f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {lengths} tokens in "
         f"{args.grad_accum} micro-steps, {run.device}, {args.dtype}")
-    timer, timed_steps = 0.0, 0
+    timer, tokens, timed_steps = 0.0, 0, 0
     for step in range(start + 1, stop + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, norm = train_step(run, model, masters, optimizer, step)
+        T = run.seq_lens[(step - 1) % len(run.seq_lens)]  # a pure function of the step: resumes exactly
+        if run.plans:
+            model.set_recompute(run.plans[T].modes)
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        loss, norm = train_step(run, model, masters, optimizer, step, T)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
-        timer, timed_steps = timer + time.perf_counter() - t0, timed_steps + 1
+        timer, tokens, timed_steps = timer + time.perf_counter() - t0, tokens + args.batch_size * T, timed_steps + 1
 
         val = None
         if (args.eval_interval and step % args.eval_interval == 0) or step == stop:
             val = evaluate(run, model)
         if step % args.log_interval == 0 or val is not None or step == start + 1:
-            ms = 1000 * timer / timed_steps  # mean over the steps since the last line
+            plan = ledgers.plan_of(ledgers.recompute_costs(cfg, run.t, run.rows, T, getattr(torch, args.dtype)),
+                                   [cfg.recompute_of(layer) for layer in range(cfg.n_layer)])
             record = {"step": step, "loss": loss.item(), "val_loss": val, "lr": lr, "grad_norm": norm.item(),
-                      "tokens_per_s": args.batch_size * run.seq_len / (ms / 1000), "ms": ms,
-                      "mem_bytes": peak_memory(run.device), "tp": run.t, "dp": run.dp,
-                      "sequence_parallel": cfg.sequence_parallel, "recompute": cfg.recompute}
-            timer, timed_steps = 0.0, 0
+                      "tokens_per_s": tokens / timer, "ms": 1000 * timer / timed_steps,  # since the last line
+                      "mem_bytes": peak_memory(run.device), "tp": run.t, "dp": run.dp, "seq_len": T,
+                      "sequence_parallel": cfg.sequence_parallel, "recompute": str(plan),
+                      "activation_bytes": plan.activation_bytes}  # predicted: what the layers save, per rank
+            timer, tokens, timed_steps = 0.0, 0, 0
             if log:
                 try:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 except OSError as e:
                     raise Failure(f"{log.name} could not be written: {e.strerror.lower()}") from None
-                say(progress_line(record, args.max_steps), flush=True)
+                say(progress_line(record, args.max_steps, planned=bool(run.plans or args.seq_len_schedule)), flush=True)
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == stop:
             save_checkpoint(run, model, masters, optimizer, step)
-    if start >= stop:
+    if start == stop == 0:  # --stop-after 0: the weights as they start, as a checkpoint
+        save_checkpoint(run, model, masters, optimizer, 0)
+    elif start >= stop:
         say(f"{run.ckpt_path} is already at step {start} >= {stop}: nothing to do")
     if log:
         log.close()
@@ -767,11 +826,12 @@ def open_log(path, start):
     return open(path, "a")
 
 
-def progress_line(r, max_steps):
+def progress_line(r, max_steps, planned=False):
     val = f" | val {r['val_loss']:.4f}" if r["val_loss"] is not None else ""
+    plan = f" | T {r['seq_len']}: {r['recompute']}, {r['activation_bytes'] / 2**20:,.1f} MiB" if planned else ""
     return (f"step {r['step']:>{len(str(max_steps))}}/{max_steps} {100 * r['step'] // max_steps:3d}% "
             f"| loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s "
-            f"| {r['ms']:.1f} ms | mem {r['mem_bytes'] / 2**20:,.0f} MiB")
+            f"| {r['ms']:.1f} ms | mem {r['mem_bytes'] / 2**20:,.0f} MiB{plan}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,16 +865,26 @@ def sample(run):
         print(decode(run.tokenizer, idx[0].tolist()))
 
 
-def fail(error, rank):
+def fail(error, rank, peers=()):
     """Ends this process with one line and the error's exit code. Rank 0 speaks at once; torchrun
     then stops the other ranks. They wait a moment first, because torchrun stops every rank as soon
     as one exits, maybe before rank 0 has printed. A rank still running after that speaks too,
-    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail)."""
+    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail).
+    After a timeout the rank that speaks also ends this host's other ranks: torchrun's SIGTERM
+    cannot end a stopped process, and it waits 30 s before its SIGKILL."""
     if rank != 0:
         time.sleep(5)
     where = "" if rank == 0 else f"rank {rank}: "
     print(f"train.py: error: {where}{error}", file=sys.stderr, flush=True)
-    sys.exit(error.code if isinstance(error, Failure) else 2)
+    code = error.code if isinstance(error, Failure) else 2
+    if isinstance(error, Timeout):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, once it sees a peer end: exit with `code`
+        for host, pid in peers:
+            if host == socket.gethostname() and pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        os._exit(code)  # not through destroy_process_group, which would wait for the ranks just ended
+    sys.exit(code)
 
 
 def main(argv=None):
@@ -832,7 +902,7 @@ def main(argv=None):
             else:
                 train(run)
     except Failure as e:
-        fail(e, rank)
+        fail(e, rank, run.peers)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
