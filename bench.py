@@ -31,12 +31,12 @@ SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12
     "full": dict(memory=dict(s=1024, h=512, a=8, b=1),
                  flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  frontier=dict(L=4, s=512, h=256, a=8, V=256, b=2),
-                 time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=7),
+                 time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=7, dropout=(16, 1024, 1024)),
                  cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50))),
     "quick": dict(memory=dict(s=256, h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
                   frontier=dict(L=3, s=64, h=64, a=8, V=128, b=1),
-                  time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3),
+                  time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3, dropout=(2, 64, 64)),
                   cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3, kernels=dict(s=256, reps=5))),
 }
 PAPER_MODELS = [("GPT-3 175B", dict(L=96, s=2048, h=12288, V=51200)),
@@ -321,10 +321,34 @@ def bench_time(size):
     rows = time_table(f"4. Time per training step, forward + backward, t=2 (two gloo CPU processes, one thread "
                       f"each): L={size['L']} s={size['s']} h={size['h']} a={size['a']} b={size['b']} float32; "
                       f"median of {size['reps']} interleaved rounds; ratio to TP", columns, PAPER_TABLE4)
-    print("\nOn a CPU the hashed dropout mask of the a/t x s x s attention probabilities costs far more than "
-          "the attention matmuls, and selective recompute draws it twice: compare the two columns. TP+SP sends "
-          "the activation bytes of TP plus the backward re-gather (table 3b), over gloo here, unoverlapped.")
-    return rows
+    print("\nTP+SP sends the activation bytes of TP plus the backward re-gather (table 3b), over gloo here, "
+          "unoverlapped; with dropout on, selective recompute draws the mask of the a/t x s x s attention "
+          "probabilities twice.")
+    return dict(steps=rows, dropout=bench_dropout(size["dropout"], size["reps"]))
+
+
+def bench_dropout(shape, reps):
+    """nanosp.dropout (the hashed mask, and applying it) against torch's F.dropout on the same CPU
+    tensor, one thread: attention probabilities (a/t b, s, s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(shape)
+    key = nanosp.dropout_key(1, 2, nanosp.SITE_ATTN_PROBS)
+    ms = {}
+    for name, fn in (("F.dropout", lambda: torch.nn.functional.dropout(x, 0.1, training=True)),
+                     ("nanosp.dropout", lambda: nanosp.dropout(x, 0.1, key, 0)),
+                     ("nanosp.dropout_keep_mask", lambda: nanosp.dropout_keep_mask(x.shape, 0.1, key, 0))):
+        times = []
+        for _ in range(reps + 1):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        ms[name] = statistics.median(times[1:])
+    torch.set_num_threads(threads)
+    table(f"4b. Dropout on the attention probabilities {tuple(x.shape)} ({x.numel():,} elements, float32, one "
+          f"thread), median of {reps}", ["op", "ms", "ratio to F.dropout"],
+          [(name, f"{t:.1f}", f"{t / ms['F.dropout']:.2f}") for name, t in ms.items()])
+    return ms
 
 
 # ----------------------------------------------------------------------------------------------
