@@ -212,7 +212,7 @@ RULES = [  # targets, rule, the index law, what it cannot split, what it keeps f
     ((torch.bmm,), _bmm, "x[n, i, k] y[n, k, j] -> z[n, i, j]", "-", "x, y"),
     ((F.softmax,), _softmax, "x[..., j] -> y[..., j]", "j (normalised)", "y"),
     ((F.gelu,), lambda df, n: _elementwise(df, n, [("in", n.args[0].name)]), "x[...] -> y[...]", "-", "x"),
-    ((operator.add, operator.sub, operator.mul, operator.truediv), _elementwise,
+    ((operator.add, torch.add, operator.sub, operator.mul, operator.truediv), _elementwise,
      "x[...] y[...] -> z[...], broadcast", "-", "- (mul of two tensors: none here)"),
     ((rearrange,), _rearrange, "its pattern: T B (three a d) -> three (a B) T d", "-", "-"),
     ((operator.getitem,), _getitem, "x[k, ...] at an int -> y[...]", "k", "-"),

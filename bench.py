@@ -31,7 +31,7 @@ SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12
     "full": dict(memory=dict(s=1024, h=512, a=8, b=1),
                  flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  frontier=dict(L=4, s=512, h=256, a=8, V=256, b=2),
-                 time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=7, dropout=(16, 1024, 1024)),
+                 time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=15, dropout=(16, 1024, 1024)),
                  cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50))),
     "quick": dict(memory=dict(s=256, h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),

@@ -249,10 +249,10 @@ def collective_log():
     log, running = [], [("outside", "an operator")]
 
     def counted(op, helper, full_message):
-        def wrapper(x, group):
+        def wrapper(x, group, **kwargs):
             nbytes = x.numel() * x.element_size() * (nanosp.group_size(group) if full_message else 1)
             log.append((*running[-1], op, nbytes))
-            return helper(x, group)
+            return helper(x, group, **kwargs)
         return wrapper
 
     def labelled(cls, phase, method):

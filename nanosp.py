@@ -114,7 +114,8 @@ def group_size(group):
 def group_rank(group):
     return 0 if group is None else dist.get_rank(group)
 
-# torch 2.13 names these all_gather_single / reduce_scatter_single; earlier releases, *_tensor
+# torch 2.13 names these all_gather_single / reduce_scatter_single; earlier releases, *_tensor.
+# With async_op the helpers return (out, work) at once, out ready after work.wait().
 _all_gather_into = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_into = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
@@ -123,17 +124,17 @@ def all_reduce(x, group):
     dist.all_reduce(x, group=group)
     return x
 
-def all_gather_sequence(x, group):
+def all_gather_sequence(x, group, async_op=False):
     """(T/t, ...) on each rank -> (T, ...), rank r's shard at rows [r T/t, (r+1) T/t)."""
     out = x.new_empty((x.shape[0] * group_size(group), *x.shape[1:]))
-    _all_gather_into(out, x.contiguous(), group=group)
-    return out
+    work = _all_gather_into(out, x.contiguous(), group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
-def reduce_scatter_sequence(x, group):
+def reduce_scatter_sequence(x, group, async_op=False):
     """(T, ...) partial sums on each rank -> (T/t, ...): this rank's rows of the sum."""
     out = x.new_empty((x.shape[0] // group_size(group), *x.shape[1:]))
-    _reduce_scatter_into(out, x.contiguous(), group=group)
-    return out
+    work = _reduce_scatter_into(out, x.contiguous(), group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
 class CopyToTensorParallelRegion(torch.autograd.Function):
     """f: forward identity, backward all-reduce: every rank's column-parallel linear reads the same
@@ -185,8 +186,7 @@ class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
     def backward(ctx, grad):
         return all_gather_sequence(grad, ctx.group), None
 
-# the four operators, as the layers call them
-def f(x, group):
+def f(x, group):  # the four operators as the layers call them: no-ops on one rank
     return x if group_size(group) == 1 else CopyToTensorParallelRegion.apply(group, x)[0]
 
 def f_bar(x, group):
@@ -216,13 +216,16 @@ class LinearWithSequenceGather(torch.autograd.Function):
         return F.linear(x, weight, bias)  # (T, B, n/t)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y):  # each collective runs while a matmul that does not need it does
         x_shard, weight = ctx.saved_tensors
-        x = all_gather_sequence(x_shard, ctx.group)  # (T, B, C), gathered again
-        grad_x = reduce_scatter_sequence(grad_y @ weight, ctx.group)  # (T/t, B, C): g's backward
+        x, gathering = all_gather_sequence(x_shard, ctx.group, async_op=True)  # (T, B, C), gathered again
+        grad_x = grad_y @ weight  # (T, B, C), this rank's partial sum, while x is gathered
+        gathering.wait()
+        grad_x, scattering = reduce_scatter_sequence(grad_x, ctx.group, async_op=True)  # (T/t, B, C): g's backward
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])  # (T·B, n/t)
-        grad_weight = grad_y2d.T @ x.reshape(-1, x.shape[-1])  # (n/t, C)
+        grad_weight = grad_y2d.T @ x.reshape(-1, x.shape[-1])  # (n/t, C), while grad_x is reduce-scattered
         grad_bias = grad_y2d.sum(0) if ctx.has_bias else None
+        scattering.wait()
         return grad_x, grad_weight, grad_bias, None
 
 def column_parallel_linear(x, weight, bias, group, sequence_parallel):
@@ -383,7 +386,7 @@ def causal_softmax(scores, scale):
     """softmax(scores * scale + causal mask) over the last dim. scores: (a/t B, T, T)."""
     T = scores.shape[-1]
     mask = torch.full((T, T), float("-inf"), device=scores.device, dtype=scores.dtype).triu(1)
-    return F.softmax(scores * scale + mask, dim=-1)  # adds save nothing; softmax saves its output
+    return F.softmax(torch.add(mask, scores, alpha=scale), dim=-1)  # the add saves nothing; softmax its output
 
 REFERENCE_OPS = SimpleNamespace(bias_gelu=bias_gelu, dropout=dropout, bias_dropout_add=bias_dropout_add,
                                 causal_softmax=causal_softmax)
@@ -422,10 +425,8 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), fwd.param(self.weight), fwd.param(self.bias), 1e-5)
 
 def core_attention(q, k, v, ops, p, key, offset):
-    """softmax(Q K^T / sqrt(d) + causal mask), dropout, times V. q, k, v: (a/t B, T, d).
-
-    This is the part selective recomputation recomputes: its saved activations grow with s^2.
-    """
+    """softmax(Q K^T / sqrt(d) + causal mask), dropout, times V. q, k, v: (a/t B, T, d). This is
+    what selective recomputation recomputes: its saved activations grow with s^2."""
     scores = torch.bmm(q, k.transpose(1, 2))  # (a/t B, T, T); saves Q, K: 4sbh/t
     probs = ops.causal_softmax(scores, 1.0 / math.sqrt(q.shape[-1]))  # saves softmax out: 2as^2b/t
     probs = ops.dropout(probs, p, key, offset)  # saves the mask: as^2b/t (one byte each)
@@ -484,15 +485,13 @@ class Block(nn.Module):
         return self._forward(x, fwd)
 
     def _forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C)
-        p, ops = self.cfg.dropout, fwd.ops
+        p, ops, key = self.cfg.dropout, fwd.ops, partial(fwd.dropout_key, self.layer)
         # a dropout region is this rank's slice of the global (T, B, C) tensor: rows from rank T/t
         offset = group_rank(self.group) * x.numel() if self.cfg.sequence_parallel else 0
         y, bias = self.attn(self.ln_1(x, fwd), fwd)
-        key = fwd.dropout_key(self.layer, SITE_ATTN_OUT)
-        x = ops.bias_dropout_add(y, bias, x, p, key, offset)  # saves the mask: sbh (sbh/t SP)
+        x = ops.bias_dropout_add(y, bias, x, p, key(SITE_ATTN_OUT), offset)  # saves the mask: sbh (sbh/t SP)
         y, bias = self.mlp(self.ln_2(x, fwd), fwd)
-        key = fwd.dropout_key(self.layer, SITE_MLP_OUT)
-        return ops.bias_dropout_add(y, bias, x, p, key, offset)  # saves the mask: sbh (sbh/t SP)
+        return ops.bias_dropout_add(y, bias, x, p, key(SITE_MLP_OUT), offset)  # saves the mask: sbh (sbh/t SP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,7 +563,8 @@ class GPT(nn.Module):
             x = f_bar(x, group)  # (T, B, C)
             positions = torch.arange(T, device=idx.device)
         x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]
-        x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), x.numel() * rank if sp else 0)
+        key = fwd.dropout_key(cfg.n_layer, SITE_EMBED)
+        x = fwd.ops.dropout(x, cfg.dropout, key, x.numel() * rank if sp else 0)
         for block in self.h:
             x = block(x, fwd)
         x = self.ln_f(x, fwd)
@@ -683,18 +683,18 @@ def dropout_threshold(p):
 
 def dropout_keep_mask(shape, p, key, offset, device=None):
     """Which elements dropout keeps. Element i of the local tensor (row-major) is element offset + i
-    of the site's global tensor, so a shard of any cut draws its slice of the unsharded mask.
-    One hash serves a pair of elements 2j, 2j + 1 (FlashAttention similarly spends 8 random bits
-    per element): h = mix32(lo ^ k0, k1 + hi * 0x9E3779B9 mod 2^32), with k0, k1 the key's 32-bit
-    words and lo, hi those of j. Element 2j takes h's low 16 bits, element 2j + 1 its high 16."""
+    of the site's global tensor, so a shard of any cut draws its slice of the unsharded mask. One
+    hash serves elements 2j and 2j + 1, 16 bits each, low half first (FlashAttention spends 8 bits):
+    h = mix32(lo ^ k0, k1 + hi * 0x9E3779B9 mod 2^32), k0, k1 the key's 32-bit words, lo, hi j's."""
     numel = math.prod(shape)
     first, last = offset // 2, (offset + numel - 1) // 2  # the pairs holding this tensor's elements
-    hashes = []
-    for hi in range(first >> 32, (last >> 32) + 1):  # one pass, unless j crosses a multiple of 2^32
-        lo = torch.arange(max(first, hi << 32) & M32, (min(last, hi << 32 | M32) & M32) + 1, device=device)
-        hashes.append(mix32(lo ^ (key & M32), ((key >> 32) + hi * 0x9E3779B9) & M32))
-    h = torch.cat(hashes)
-    # the 32-bit hashes as 16-bit halves, low half first (little-endian, as everywhere torch runs);
-    # int16 is signed, so each half's top bit is flipped: the order is kept, shifted down by 2^15
-    halves = (h ^ 0x80008000).to(torch.int32).view(torch.int16)
+    bits = torch.empty(last - first + 1, dtype=torch.int32, device=device)
+    chunk = 2**16 if bits.device.type == "cpu" else 2**32  # on a CPU the hash's dozen passes stay in cache
+    for j in range(first // chunk * chunk, last + 1, chunk):  # chunks aligned to 2^16 never cross 2^32
+        start, end = max(j, first), min(j + chunk, last + 1)
+        lo = torch.arange(start & M32, ((end - 1) & M32) + 1, device=device)
+        h = mix32(lo ^ (key & M32), ((key >> 32) + (j >> 32) * 0x9E3779B9) & M32)
+        # int16 is signed: each half's top bit is flipped, which keeps the order, shifted down by 2^15
+        bits[start - first:end - first] = h ^ 0x80008000  # int64 -> int32, the same 32 bits
+    halves = bits.view(torch.int16)  # the low half first (little-endian, as everywhere torch runs)
     return (halves[offset % 2:][:numel] >= dropout_threshold(p) - 2**15).view(shape)
