@@ -321,9 +321,10 @@ def bench_time(size):
     rows = time_table(f"4. Time per training step, forward + backward, t=2 (two gloo CPU processes, one thread "
                       f"each): L={size['L']} s={size['s']} h={size['h']} a={size['a']} b={size['b']} float32; "
                       f"median of {size['reps']} interleaved rounds; ratio to TP", columns, PAPER_TABLE4)
-    print("\nTP+SP sends the activation bytes of TP plus the backward re-gather (table 3b), over gloo here, "
-          "unoverlapped; with dropout on, selective recompute draws the mask of the a/t x s x s attention "
-          "probabilities twice.")
+    print("\nTP+SP sends the activation bytes of TP plus the backward re-gather (table 3b), over gloo here; the "
+          "backward all-gather and reduce-scatter of each column-parallel linear run while a matmul does, the "
+          "forward all-gather cannot. Selective recompute reruns the attention's softmax and dropout, which on "
+          "a CPU cost about what its matmuls do.")
     return dict(steps=rows, dropout=bench_dropout(size["dropout"], size["reps"]))
 
 
