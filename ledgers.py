@@ -221,8 +221,9 @@ def plan_recompute(cfg, t, B, T, dtype, budget):
     """The per-layer plan whose activations fit `budget` (bytes per rank, the layers' saved
     activations) with the fewest recomputed FLOPs, then the fewest bytes. cfg gives the shape and
     sequence parallelism; B, T the micro-batch; dtype the activations' (masks take 1 byte)."""
+    costs = recompute_costs(cfg, t, B, T, dtype)
     (none_bytes, _), (selective_bytes, selective_flops), (full_bytes, full_flops) = (
-        recompute_costs(cfg, t, B, T, dtype)[m] for m in nanosp.RECOMPUTE_MODES)
+        costs[m] for m in nanosp.RECOMPUTE_MODES)
     L, best = cfg.n_layer, None
     for n_full in range(L + 1):
         for n_selective in range(L - n_full + 1):
@@ -233,7 +234,7 @@ def plan_recompute(cfg, t, B, T, dtype, budget):
     if best is None:
         raise ValueError(f"no recompute plan fits an activation budget of {budget:,} bytes per rank at B={B}, "
                          f"T={T}, t={t}: the smallest, full recompute of all {L} layers, needs {L * full_bytes:,}")
-    return plan_of(recompute_costs(cfg, t, B, T, dtype), counted_modes(L, *best[1:]))
+    return plan_of(costs, counted_modes(L, *best[1:]))
 
 
 # ----------------------------------------------------------------------------------------------

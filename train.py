@@ -34,9 +34,9 @@ What to look for:
   alike: a bad one is one line on stderr and exit code 2. A run never overwrites another: an
   --out-dir that holds one is refused unless --resume continues it, and --out-dir is proven
   writable before the first step. Every process group waits at most --timeout seconds for a
-  collective, so a rank that stops answering ends the run with one line (exit code 1); torchrun
-  then ends the other ranks (one that is stopped, SIGSTOP, only after its 30 s grace). A failed
-  checkpoint write keeps the previous checkpoint.
+  collective, so a rank that stops answering ends the run with one line (exit code 1): the rank
+  that notices ends this host's other ranks, even a stopped one (SIGSTOP), which torchrun's SIGTERM
+  cannot end. A failed checkpoint write keeps the previous checkpoint.
 """
 import argparse
 import contextlib
