@@ -40,10 +40,16 @@ def paper_activation_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="
     return s * b * h * (10 + 24 / t + scores)
 
 
-def _init_for_measurement(module, gen):
+def _layers_and_input(cfg, group, batch, seq, dtype, device, n_layer=1):
+    """n_layer of nanosp's layers with random weights (seeded by cfg.seed), and an input that needs
+    a gradient: this rank's (T/t, B, C) rows under SP, else (T, B, C)."""
+    blocks = torch.nn.ModuleList(nanosp.Block(cfg, group, layer) for layer in range(n_layer)).to(device, dtype)
+    gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in blocks.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    rows_here = seq // nanosp.group_size(group) if cfg.sequence_parallel else seq
+    return blocks, torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
 
 
 def layer_activation_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="none", dropout=True,
@@ -76,12 +82,7 @@ def measure_activation_bytes(cfg, group=None, batch=1, seq=None, dtype=torch.bfl
     tensor was saved. With kernels.py on CUDA the residual-dropout masks are regenerated rather
     than stored, and this comes in under the formula.
     """
-    seq = seq or cfg.block_size
-    t = nanosp.group_size(group)
-    blocks = torch.nn.ModuleList(nanosp.Block(cfg, group, layer) for layer in range(n_layer)).to(device, dtype)
-    _init_for_measurement(blocks, torch.Generator().manual_seed(cfg.seed))
-    rows_here = seq // t if cfg.sequence_parallel else seq
-    x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
+    blocks, x = _layers_and_input(cfg, group, batch, seq or cfg.block_size, dtype, device, n_layer)
     parameters = {p.untyped_storage().data_ptr() for p in blocks.parameters()}
     where, saved = ["block input"], {}
 
@@ -301,11 +302,7 @@ def measure_communication(cfg, group, batch=1, seq=None, dtype=torch.bfloat16, d
     """Every collective of one layer's forward and backward: (phase, operator, op, bytes of the full
     message). Ring algorithms send 2(t-1)/t of that per rank for an all-reduce and (t-1)/t for an
     all-gather or a reduce-scatter: one all-reduce costs one reduce-scatter plus one all-gather."""
-    seq, t = seq or cfg.block_size, nanosp.group_size(group)
-    block = nanosp.Block(cfg, group, layer=0).to(device, dtype)
-    _init_for_measurement(block, torch.Generator().manual_seed(cfg.seed))
-    rows_here = seq // t if cfg.sequence_parallel else seq
-    x = torch.randn(rows_here, batch, cfg.n_embd, device=device, dtype=dtype, requires_grad=True)
+    (block,), x = _layers_and_input(cfg, group, batch, seq or cfg.block_size, dtype, device)
     with collective_log() as log:
         y = block(x, nanosp.Forward(shared=nanosp.replicated_through_f(block, group, cfg.sequence_parallel)))
         y.backward(torch.ones_like(y))
