@@ -1,7 +1,8 @@
 """gpt2.py: Hugging Face GPT-2 model directories, built here (random weights, a tokenizer trained on
 a few lines), read into nanosp and compared with transformers' GPT2LMHeadModel reading the same
 directory; then train.py --init gpt2:DIR fine-tunes, resumes and samples through the directory's
-tokenizer. transformers is used by these tests only; nanosp never imports it.
+tokenizer. transformers is used by the tests only (these, and test_nanosp.py's outside reference);
+nanosp never imports it.
 
 Tolerances: float64 logits relative to the largest reference element, under 1e-10, unsharded and
 at t = 2 with sequence parallelism (what differs is reduction order, ~1e-15). Token ids are

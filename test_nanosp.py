@@ -3,6 +3,8 @@
 One world of 4 CPU processes (gloo) is started once per session; its sub-groups give t = 1, 2, 3
 and 4. Hypothesis draws configurations in this process and every rank runs each case; a rank
 compares its own sharded model against an unsharded model it builds itself from the same seed.
+That twin is nanosp too, so the proof is also held to an outside reference: transformers'
+GPT2LMHeadModel and F.cross_entropy on the same weights, computed in this process (dropout 0).
 
 Tolerances: float64 comparisons are relative to the largest reference element and must be under
 1e-10 (what remains is reduction order, ~1e-15). Byte and FLOP counts are exact integers and are
@@ -19,7 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import HealthCheck, given, settings
+import torch.nn.functional as F
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import ledgers
@@ -149,18 +152,29 @@ def unsharded_twin(cfg):
     return GPT(plain).double()
 
 
-def task_equivalence(ctx, t, steps=2, **cfg_kwargs):
-    """Logits, loss and every gradient (gathered) of the t-way model against the unsharded model,
-    then the full weights after `steps` AdamW steps. Returns the worst relative errors."""
+def sharded_and_twin(ctx, t, case):
+    """(cfg, batch, seq, the t-way model, its unsharded twin) for a drawn case, both with the same
+    random weights; None on a rank outside every group of size t (rank 3 for t = 3)."""
     group = ctx.group(t)
     if group is None:
         return None
-    batch, seq = cfg_kwargs.pop("batch"), cfg_kwargs.pop("seq")
-    cfg = GPTConfig(**cfg_kwargs)
+    case = dict(case)
+    batch, seq = case.pop("batch"), case.pop("seq")
+    cfg = GPTConfig(**case)
     model, reference = GPT(cfg, group).double(), unsharded_twin(cfg)
     sd = random_full_state_dict(reference, cfg.seed)
     model.load_full_state_dict(sd)
     reference.load_full_state_dict(sd)
+    return cfg, batch, seq, model, reference
+
+
+def task_equivalence(ctx, t, steps=2, **case):
+    """Logits, loss and every gradient (gathered) of the t-way model against the unsharded model,
+    then the full weights after `steps` AdamW steps. Returns the worst relative errors."""
+    built = sharded_and_twin(ctx, t, case)
+    if built is None:
+        return None
+    cfg, batch, seq, model, reference = built
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.1)
     idx, targets = make_batch(cfg, batch, seq, cfg.seed)
@@ -279,6 +293,172 @@ def task_conjugate_pairs(ctx):
 def test_conjugate_pairs(world):
     for errors in world.run(task_conjugate_pairs):
         assert max(errors.values()) < TOL, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# an outside reference: transformers' GPT-2 on the same weights
+#
+# The unsharded twin above is nanosp itself, so a mistake that both share (in the loss, say) would
+# cancel. Here the reference is transformers' GPT2LMHeadModel in float64 (eager attention, dropout
+# 0: its dropout cannot draw nanosp's hashed masks) and F.cross_entropy, computed in this process;
+# the ranks compare their logits, loss and every gathered gradient with it.
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2: (in, out)
+
+
+def transformers_reference(cfg, sd, idx, targets, ignore_index):
+    """GPT2LMHeadModel with nanosp's full state dict `sd` (zero biases where cfg.bias is False):
+    its logits, F.cross_entropy(logits, targets, ignore_index=ignore_index) and the gradient of
+    that loss for every entry of sd, in nanosp's names and layouts. The head is tied to wte, so
+    wte's gradient holds both of its uses, as nanosp's does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these sizes take milliseconds; more threads on a busy machine only spin
+    try:
+        return _transformers_reference(cfg, sd, idx, targets, ignore_index)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _transformers_reference(cfg, sd, idx, targets, ignore_index):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, attn_implementation="eager")).double()
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    names = {}  # nanosp's name -> transformers' parameter
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # the tied lm_head.weight is listed once, as wte's
+            key = name.removeprefix("transformer.")
+            if key in sd:
+                p.copy_(sd[key].T if key.endswith(CONV1D) else sd[key])
+                names[key] = p
+            else:
+                assert not cfg.bias and key.endswith(".bias"), key
+                p.zero_()
+    assert names.keys() == sd.keys()
+    logits = hf(idx).logits  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    loss.backward()
+    grads = {key: p.grad.T if key.endswith(CONV1D) else p.grad for key, p in names.items()}
+    return logits.detach(), loss.detach(), grads
+
+
+def task_against_transformers(ctx, t, case, sd, idx, targets, want):
+    """Rank's logits, loss and every gathered gradient against transformers' (`want`): unsharded
+    on rank 0 when t = 1, else the t-way model. Returns the worst relative errors."""
+    group = None if t == 1 else ctx.group(t)
+    if (t == 1 and ctx.rank) or (t > 1 and group is None):
+        return None
+    model = GPT(GPTConfig(**case), group).double()
+    model.load_full_state_dict(sd)
+    logits, _ = model(idx)
+    _, loss = model(idx, targets)
+    loss.backward()
+    logits_want, loss_want, grads_want = want
+    errors = {"logits": rel_err(logits, logits_want), "loss": rel_err(loss, loss_want)}
+    for name, p in model.named_parameters():
+        errors[name] = rel_err(model.full_tensor(name, p.grad), grads_want[name])
+    return errors
+
+
+@st.composite
+def transformers_cases(draw):
+    """configurations() without dropout, with a share of ignored targets (nanosp's -1 or PyTorch's
+    -100, at least one position kept), and sometimes logits in the thousands, where a loss that did
+    not shift by the true maximum over the whole vocabulary would overflow exp or lose every term.
+    n_embd >= 4: a LayerNorm over 2 features is flat up to its eps (it outputs +-1), so every
+    gradient behind ln_f is 1e-7 of the others and made by cancellation, and two correct
+    implementations differ there by 1e-10 of it (the nanosp twin above shares nanosp's rounding)."""
+    case = {**draw(configurations().filter(lambda case: case["n_embd"] >= 4)), "dropout": 0.0}
+    ignore_index = draw(st.sampled_from([-1, -100]))
+    ignored = draw(st.lists(st.booleans(), min_size=case["batch"] * case["seq"], max_size=case["batch"] * case["seq"]))
+    ignored[draw(st.integers(0, len(ignored) - 1))] = False
+    return case, ignore_index, ignored, draw(st.sampled_from([1.0, 1000.0]))
+
+
+def sequence_parallel_case(t, recompute, **changes):
+    """A fixed case at t with SP: 3 layers (so recompute can mix modes), vocab 11 padded at t = 2, 3, 4."""
+    return dict(t=t, sequence_parallel=True, recompute=recompute, dropout=0.0, batch=2, seq=2 * t, block_size=2 * t + 1,
+                n_head=t, n_embd=4 * t, vocab_size=11, n_layer=3, bias=True, seed=t, **changes)
+
+
+MIXED = ("full", "selective", "none")
+# besides the drawn cases: t = 2 and 4 with SP under each recompute mode and a per-layer mix
+SP_CASES = [sequence_parallel_case(t, recompute) for t in (2, 4) for recompute in (*nanosp.RECOMPUTE_MODES, MIXED)]
+
+
+@settings(max_examples=int(os.environ.get("NANOSP_EXAMPLES", 60)) // 3)
+@given(drawn=transformers_cases())
+@example(drawn=(SP_CASES[0], -100, [True, False] * 4, 1.0))
+@example(drawn=(SP_CASES[1], -1, [False, True, True, False] * 2, 1000.0))
+@example(drawn=(SP_CASES[2], -100, [False] * 7 + [True], 1.0))
+@example(drawn=(SP_CASES[3], -1, [True] * 7 + [False], 1000.0))
+@example(drawn=(SP_CASES[4], -1, [True, False] * 8, 1.0))
+@example(drawn=(SP_CASES[5], -100, [False, True, True, False] * 4, 1000.0))
+@example(drawn=(SP_CASES[6], -1, [False] * 15 + [True], 1.0))
+@example(drawn=(SP_CASES[7], -100, [True] * 15 + [False], 1000.0))
+def test_loss_and_every_gradient_equal_transformers(world, drawn):
+    case, ignore_index, ignored, logit_scale = drawn
+    case = dict(case)
+    t, batch, seq = case.pop("t"), case.pop("batch"), case.pop("seq")
+    cfg = GPTConfig(**case)
+    sd = random_full_state_dict(GPT(cfg), cfg.seed)
+    for name in ("ln_f.weight", "ln_f.bias"):
+        if name in sd:
+            sd[name] *= logit_scale  # logits scale with the final LayerNorm's output
+    idx, targets = make_batch(cfg, batch, seq, cfg.seed, ignore=False)
+    targets[torch.tensor(ignored).view(batch, seq)] = ignore_index
+    want = transformers_reference(cfg, sd, idx, targets, ignore_index)
+    results = [r for r in world.run(task_against_transformers, t=t, case=case, sd=sd, idx=idx, targets=targets,
+                                    want=want) if r is not None]
+    assert len(results) == (1 if t == 1 else WORLD // t * t)  # every rank of every group of size t
+    for errors in results:
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < TOL, f"{worst}: relative error {errors[worst]:.2e} at t={t} for {drawn}"
+
+
+# ----------------------------------------------------------------------------------------------
+# a loss of the user's own on the gathered logits
+
+
+def task_logits_backward(ctx, t, **case):
+    """Without targets the logits are gathered over the vocabulary; a loss written on them
+    backpropagates through the gather. First a random cotangent (the same on every rank, as the
+    logits are), then a distillation loss, KL(teacher || softmax(logits)): every gradient of
+    the t-way model against the unsharded model's."""
+    built = sharded_and_twin(ctx, t, case)
+    if built is None:
+        return None
+    cfg, batch, seq, model, reference = built
+    idx, _ = make_batch(cfg, batch, seq, cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    cotangent = torch.randn(batch, seq, cfg.vocab_size, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(batch, seq, cfg.vocab_size, generator=gen, dtype=torch.float64).softmax(-1)
+    losses = {"cotangent": lambda logits: (logits * cotangent).sum(),
+              "distillation": lambda logits: (teacher * (teacher.log() - logits.log_softmax(-1))).sum(-1).mean()}
+    errors = {}
+    for what, loss_of in losses.items():
+        for m in (model, reference):
+            m.zero_grad()
+            loss_of(m(idx)[0]).backward()
+        grads_ref = dict(reference.named_parameters())
+        errors[what] = max(rel_err(model.full_tensor(n, p.grad), grads_ref[n].grad) for n, p in model.named_parameters())
+    return errors
+
+
+@settings(max_examples=int(os.environ.get("NANOSP_EXAMPLES", 60)) // 4)
+@given(case=configurations().filter(lambda case: case["t"] > 1))
+@example(case={**sequence_parallel_case(2, MIXED), "dropout": 0.2})
+@example(case={**sequence_parallel_case(3, "selective"), "dropout": 0.2})
+@example(case={**sequence_parallel_case(4, "full"), "dropout": 0.2, "bias": False})
+def test_a_loss_on_the_gathered_logits_backpropagates(world, case):
+    results = [r for r in world.run(task_logits_backward, **case) if r is not None]
+    assert len(results) == WORLD // case["t"] * case["t"]
+    for errors in results:
+        for what, err in errors.items():
+            assert err < TOL, f"{what}: relative error {err:.2e} for {case}"
 
 
 # ----------------------------------------------------------------------------------------------
