@@ -11,6 +11,7 @@ import contextlib
 import glob
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -135,6 +136,17 @@ def test_single_process_loss_decreases_and_logs(trained):
         name.startswith(".ckpt-") for name in os.listdir(trained))
 
 
+def test_learning_rate_warms_up_then_follows_the_cosine(trained):
+    """--lr 3e-3 and 10 warm-up steps (the default), then a cosine to lr / 10 at step 40, as logged."""
+    log = read_log(trained)
+    for step in range(1, 41):
+        if step <= 10:
+            want = 3e-3 * step / 10
+        else:
+            want = 3e-4 + 0.5 * (1 + math.cos(math.pi * (step - 10) / 30)) * (3e-3 - 3e-4)
+        assert log[step]["lr"] == pytest.approx(want, rel=1e-12), step
+
+
 def test_sample_agrees_sharded_and_not(trained):
     args = ["--sample", "--from", trained, "--prompt", "import ", "--max-new-tokens", 40, "--seed", 3]
     one = run(args).stdout
@@ -164,12 +176,13 @@ def equivalence_args(text, out):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_steps_equal_single_process(layout, text, reference, tmp_path):
+def test_layout_steps_equal_single_process(layout, text, reference, adamw_by_hand, tmp_path):
     nproc, extra = LAYOUTS[layout]
     run([*equivalence_args(text, tmp_path), *extra], nproc=nproc)
     want, got = load_ckpt(reference), load_ckpt(tmp_path)
     for name, tensor in want["model"].items():
         assert rel_err(got["model"][name], tensor) < 1e-10, name
+        assert rel_err(got["model"][name], adamw_by_hand[1][name]) < 1e-10, name  # AdamW written out, below
         for key in ("exp_avg", "exp_avg_sq"):
             assert rel_err(got["optimizer"][name][key], want["optimizer"][name][key]) < 1e-10, (name, key)
         assert got["optimizer"][name]["step"] == 2
@@ -178,6 +191,76 @@ def test_layout_steps_equal_single_process(layout, text, reference, tmp_path):
         assert want_log[step]["grad_norm"] > 0.05  # clipping acted
         assert got_log[step]["grad_norm"] == pytest.approx(want_log[step]["grad_norm"], rel=1e-10)
         assert got_log[step]["loss"] == pytest.approx(want_log[step]["loss"], rel=1e-10)
+    assert got_log[2]["val_loss"] == pytest.approx(want_log[2]["val_loss"], rel=1e-10)  # each replica its rows
+
+
+# the decayed parameters of SMALL's model: every weight matrix and both embeddings (wte is also the head)
+DECAYED = {"wte.weight", "wpe.weight"} | {f"h.{i}.{name}.weight" for i in range(2)
+                                          for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_weight_decay_goes_to_matrices_and_embeddings_only(dtype):
+    """make_optimizer's groups, by name: decay on DECAYED, none on biases and LayerNorm weights;
+    under bfloat16 the groups hold the float32 master weights. AdamW's betas are (0.9, 0.95)."""
+    cfg = nanosp.GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    model, masters = train.build_model(cfg, None, torch.device("cpu"), getattr(torch, dtype), None, "")
+    optimizer = train.make_optimizer(masters, train.parse_args(["--weight-decay", "0.25", "--lr", "0.002"]))
+    name_of = {p: name for name, p in masters.items()}
+    decay = [(name_of[p], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(name for name, _ in decay) == sorted(dict(model.named_parameters()))  # each exactly once
+    assert {name for name, wd in decay if wd == 0.25} == DECAYED
+    assert all(wd == 0.0 for name, wd in decay if name not in DECAYED)
+    if dtype == "bfloat16":
+        assert all(p.dtype == torch.float32 for p in name_of)
+    assert all(group["betas"] == (0.9, 0.95) and group["lr"] == 0.002 for group in optimizer.param_groups)
+
+
+@pytest.fixture(scope="module")
+def adamw_by_hand(text):
+    """The two steps of equivalence_args written out: the gradient of the step's batch (nanosp,
+    unsharded, float64), clipped to norm 0.05 as torch clips (by 0.05 / (norm + 1e-6) when that is
+    under 1), the cosine learning rate from 1e-3 at step 0 to 1e-4 at step 2, and AdamW: decoupled
+    decay 0.1 on DECAYED, betas (0.9, 0.95), eps 1e-8, bias corrections 1 - beta^step.
+    {step: (loss, grad norm)} and the weights and moments after step 2."""
+    lr, min_lr, clip, wd, beta1, beta2, eps = 1e-3, 1e-4, 0.05, 0.1, 0.9, 0.95, 1e-8
+    model = nanosp.GPT(nanosp.GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=32)).double()
+    w = {name: p.detach().clone() for name, p in model.named_parameters()}  # seed 0's initial weights
+    m = {name: torch.zeros_like(p) for name, p in w.items()}
+    v = {name: torch.zeros_like(p) for name, p in w.items()}
+    data, logged = train.load_data(text, None)[0], {}
+    for step in (1, 2):
+        x, y = train.get_batch(data, 8, 32, train.batch_seed(0, step, "train"))
+        model.load_full_state_dict(w)
+        model.zero_grad()
+        loss = model(x, y)[1]
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        norm = sum(g.pow(2).sum() for g in grads.values()).sqrt().item()
+        logged[step] = (loss.item(), norm)
+        lr_t = min_lr + 0.5 * (1 + math.cos(math.pi * step / 2)) * (lr - min_lr)
+        for name, g in grads.items():
+            g = g * min(1.0, clip / (norm + 1e-6))
+            m[name] = beta1 * m[name] + (1 - beta1) * g
+            v[name] = beta2 * v[name] + (1 - beta2) * g * g
+            m_hat, v_hat = m[name] / (1 - beta1**step), v[name] / (1 - beta2**step)
+            decay = wd if name in DECAYED else 0.0
+            w[name] = w[name] * (1 - lr_t * decay) - lr_t * m_hat / (v_hat.sqrt() + eps)
+    return logged, w, m, v
+
+
+def test_two_steps_are_adamw_written_out(reference, adamw_by_hand):
+    """The single process's two steps (weight decay on, clipping acting) against adamw_by_hand;
+    the layouts' weights (tp2, dp2, tp2-dp2: optimizer state sharded by t) are held to it above."""
+    logged, w, m, v = adamw_by_hand
+    ckpt, log = load_ckpt(reference), read_log(reference)
+    for step, (loss, norm) in logged.items():
+        assert log[step]["loss"] == pytest.approx(loss, rel=1e-12)
+        assert log[step]["grad_norm"] == pytest.approx(norm, rel=1e-10) and norm > 0.05
+    for name in w:
+        assert rel_err(ckpt["model"][name], w[name]) < 1e-10, name
+        assert rel_err(ckpt["optimizer"][name]["exp_avg"], m[name]) < 1e-10, name
+        assert rel_err(ckpt["optimizer"][name]["exp_avg_sq"], v[name]) < 1e-10, name
 
 
 def test_grad_norm_unsharded_equals_torch():
