@@ -474,6 +474,49 @@ def test_causal_softmax(device, dtype, N, T):
         assert not got.triu(1).any()
 
 
+# rows longer than one pass of a warp, 32 V elements (V = 16 / element size: 128 in float32, 256 in
+# 16-bit), up to 4097 on CUDA; on the emulator (a warp in about a millisecond) a few passes of each.
+# (NANOSP_LONG_ROW=4097 runs that on the emulator too: half a minute.)
+LONG_ROWS = {dtype: int(os.environ.get("NANOSP_LONG_ROW", T))
+             for dtype, T in ((torch.float32, 1100), (torch.bfloat16, 600), (torch.float16, 600))}
+
+
+def lane_maxima_grow(v, V):
+    """For the last row of v (T, T), how often a lane's chunk max is above its running max from
+    its earlier passes, and how often not: (grows, holds), over every pass after the first."""
+    row = v[-1].double()
+    passes = -(-row.numel() // (32 * V))
+    chunks = torch.cat([row, row.new_full((passes * 32 * V - row.numel(),), -math.inf)]).view(passes, 32, V)
+    chunk_max = chunks.amax(-1)  # (passes, 32 lanes)
+    running = chunk_max.cummax(0).values
+    later = chunk_max[1:] > -math.inf  # a lane past the row's end has nothing to add
+    grows = (chunk_max[1:] > running[:-1]) & later
+    return grows.sum().item(), (~grows & later).sum().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_softmax_rescales_its_running_max_across_warp_passes(device, dtype):
+    """Scaled scores 4 N(0, 1) + 4 j / T: from pass to pass a lane's max grows (its running sum is
+    rescaled by exp(m - m_new)) or holds, both many times (checked on the last row). Each
+    probability within eps of nanosp's (atol: eps times the largest of its row, so that long rows
+    of small probabilities are held as tightly as short ones), every row sums to 1 within eps, and
+    the gradient as in test_causal_softmax."""
+    T = LONG_ROWS[dtype] if device == "cpu" else 4097
+    eps, scale = EPS[dtype], T**-0.5
+    gen = torch.Generator().manual_seed(T)
+    v = 4 * torch.randn(1, T, T, generator=gen) + 4 * torch.arange(T) / T  # scale * scores
+    s, g = (v / scale).to(device, dtype), rand((1, T, T), dtype, gen, device)
+    grows, holds = lane_maxima_grow(s[0].float() * scale, 16 // dtype.itemsize)
+    assert min(grows, holds) >= 10, (grows, holds)
+    y, (got,) = grads(lambda s: kernels.causal_softmax(s, scale), [s], g)
+    want_y, (want,) = grads(lambda s: nanosp.causal_softmax(s, scale), f64(s), g.double())
+    assert not y.triu(1).any() and not got.triu(1).any()
+    err = (y.double() - want_y).abs() - eps * want_y - eps * want_y.amax(-1, keepdim=True)
+    assert err.max() <= 0, f"row {err.amax(-1).argmax().item()} is off by more than eps"
+    assert (y.double().sum(-1) - 1).abs().max() <= eps
+    assert_close(got, want, eps, atol=2 * eps * scale * g.abs().max().item())
+
+
 @pytest.mark.parametrize("recompute", nanosp.RECOMPUTE_MODES)
 @pytest.mark.parametrize("sequence_parallel, bias", [(False, True), (True, True), (False, False)])
 def test_model_through_kernels_equals_model_through_nanosp(device, monkeypatch, recompute, sequence_parallel, bias):
