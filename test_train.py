@@ -147,6 +147,25 @@ def test_learning_rate_warms_up_then_follows_the_cosine(trained):
         assert log[step]["lr"] == pytest.approx(want, rel=1e-12), step
 
 
+def test_batches_are_windows_and_their_next_tokens():
+    """get_batch on data 0, 1, 2, ...: each row of x is a window of the data, its row of y the same
+    window one token on (the next-token targets); a seed gives one batch, another seed another."""
+    data = torch.arange(100, dtype=torch.int32)
+    x, y = train.get_batch(data, 16, 10, seed=3)
+    assert x.shape == y.shape == (16, 10) and x.dtype == y.dtype == torch.long
+    starts = x[:, :1]
+    assert torch.equal(x, starts + torch.arange(10)) and torch.equal(y, x + 1) and y.max() < 100
+    assert torch.equal(train.get_batch(data, 16, 10, seed=3)[0], x)
+    assert not torch.equal(train.get_batch(data, 16, 10, seed=4)[0], x)
+
+
+def test_top_k_1_samples_the_greedy_continuation(trained):
+    args = ["--sample", "--from", trained, "--prompt", "import ", "--max-new-tokens", 30]
+    greedy = run([*args, "--temperature", 0]).stdout
+    assert run([*args, "--temperature", 0.8, "--top-k", 1, "--seed", 5]).stdout == greedy
+    assert run([*args, "--temperature", 0.8, "--seed", 5]).stdout != greedy  # (so the sampler samples)
+
+
 def test_sample_agrees_sharded_and_not(trained):
     args = ["--sample", "--from", trained, "--prompt", "import ", "--max-new-tokens", 40, "--seed", 3]
     one = run(args).stdout

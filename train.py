@@ -675,16 +675,20 @@ def all_reduce_dp(tensor, run):
 
 @torch.no_grad()
 def evaluate(run, model):
-    """Mean loss over --eval-iters fixed validation batches (the same at every step)."""
-    rows, lo = run.rows, run.dp_rank * run.rows  # this replica's slice of each batch
+    """Mean loss over --eval-iters fixed validation batches of --batch-size sequences (the same at
+    every step), each cut as a training batch is, so the figure does not depend on t, dp or
+    --grad-accum: micro-step m of DP replica d evaluates its rows."""
+    args, rows = run.args, run.rows
     model.eval()
-    losses = torch.zeros(run.args.eval_iters, dtype=torch.float64, device=run.device)
-    for i in range(run.args.eval_iters):
-        x, y = get_batch(run.data[1], rows * run.dp, run.seq_len, batch_seed(run.seed, i, "val"))
-        losses[i] = model(x[lo:lo + rows].to(run.device), y[lo:lo + rows].to(run.device))[1]
+    losses = torch.zeros(args.eval_iters, dtype=torch.float64, device=run.device)
+    for i in range(args.eval_iters):
+        x, y = get_batch(run.data[1], args.batch_size, run.seq_len, batch_seed(run.seed, i, "val"))
+        for micro in range(args.grad_accum):
+            lo = (micro * run.dp + run.dp_rank) * rows  # this replica's slice of this micro-step
+            losses[i] += model(x[lo:lo + rows].to(run.device), y[lo:lo + rows].to(run.device))[1]
     all_reduce_dp(losses, run)
     model.train()
-    return losses.mean().item() / run.dp
+    return losses.mean().item() / (run.dp * args.grad_accum)
 
 
 def build_model(cfg, tp_group, device, dtype, state_dict, source):
