@@ -715,7 +715,42 @@ def test_group_without_torch_distributed():
 
 
 # ----------------------------------------------------------------------------------------------
+# the initial weights
+
+
+def test_initialisation_is_gpt2s():
+    """GPT-2's initial weights: N(0, 0.02^2) for the matrices and embeddings, the residual projections
+    (c_proj) scaled by 1/sqrt(2 n_layer), LayerNorm weights 1 and biases 0. Mean and standard
+    deviation within 5 standard errors (the smallest tensor has 4096 elements: 5.5% of the std)."""
+    cfg = GPTConfig(vocab_size=512, block_size=256, n_layer=4, n_head=4, n_embd=64)
+    for name, w in GPT(cfg).full_state_dict().items():
+        if name.split(".")[-2].startswith("ln_") and name.endswith("weight"):
+            assert torch.equal(w, torch.ones_like(w)), name
+        elif name.endswith("bias"):
+            assert not w.any(), name
+        else:
+            std, n = (0.02 / math.sqrt(2 * 4) if name.endswith("c_proj.weight") else 0.02), w.numel()
+            assert abs(w.double().mean()) < 5 * std / n**0.5, name
+            assert abs(w.double().std() / std - 1) < 5 / (2 * n) ** 0.5, name
+
+
+# ----------------------------------------------------------------------------------------------
 # dropout masks
+
+
+def test_evaluation_has_no_dropout():
+    """model.eval(): the logits of dropout 0.5 are those of dropout 0, forward after forward, and the
+    training forwards' count (part of every mask's seed) stands still; model.train() draws masks again."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dropout=0.5)
+    model = GPT(cfg).double()
+    plain = GPT(GPTConfig(**{**cfg.__dict__, "dropout": 0.0})).double()
+    plain.load_full_state_dict(model.full_state_dict())
+    idx = make_batch(cfg, 2, 8, 0)[0]
+    model.eval()
+    with torch.no_grad():
+        assert all(torch.equal(model(idx)[0], plain(idx)[0]) for _ in range(2)) and model.forward_count == 0
+        model.train()
+        assert not torch.equal(model(idx)[0], plain(idx)[0]) and model.forward_count == 1
 
 
 def keep_mask_uint32(numel, p, key, offset):
