@@ -213,6 +213,20 @@ def test_layout_steps_equal_single_process(layout, text, reference, adamw_by_han
     assert got_log[2]["val_loss"] == pytest.approx(want_log[2]["val_loss"], rel=1e-10)  # each replica its rows
 
 
+def test_data_parallel_dropout_is_a_single_process_with_as_many_micro_steps(text, tmp_path):
+    """Dropout 0.1, float64: micro-step m of DP replica d reads the rows and draws the masks of
+    micro-step m * dp + d of one process with dp x --grad-accum micro-steps, so dp=2 is --grad-accum 2
+    (weights, losses, validation loss) to 1e-10; replicas that drew the same masks would not be."""
+    common = [*SMALL, "--data", text, "--steps", 2, "--warmup-steps", 0, "--dtype", "float64", "--dropout", 0.1]
+    run([*common, "--grad-accum", 2, "--out-dir", tmp_path / "one"])
+    run([*common, "--tp", 1, "--out-dir", tmp_path / "dp2"], nproc=2)
+    want, got = load_ckpt(tmp_path / "one")["model"], load_ckpt(tmp_path / "dp2")["model"]
+    assert all(rel_err(got[name], want[name]) < 1e-10 for name in want)
+    want_log, got_log = read_log(tmp_path / "one"), read_log(tmp_path / "dp2")
+    for step, key in ((1, "loss"), (2, "loss"), (2, "val_loss")):
+        assert got_log[step][key] == pytest.approx(want_log[step][key], rel=1e-10), (step, key)
+
+
 # the decayed parameters of SMALL's model: every weight matrix and both embeddings (wte is also the head)
 DECAYED = {"wte.weight", "wpe.weight"} | {f"h.{i}.{name}.weight" for i in range(2)
                                           for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
