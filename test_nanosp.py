@@ -419,6 +419,20 @@ def test_loss_and_every_gradient_equal_transformers(world, drawn):
         assert errors[worst] < TOL, f"{worst}: relative error {errors[worst]:.2e} at t={t} for {drawn}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_takes_its_loss_in_float32(dtype):
+    """The model in 16 bits: its loss is F.cross_entropy of its own (16-bit) logits taken in
+    float32, to float32's precision (1e-5), not to 16 bits' (1e-2), and it is a float32."""
+    cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(cfg).to(dtype)
+    model.load_full_state_dict(random_full_state_dict(model, 5))
+    idx, targets = make_batch(cfg, 3, 16, 5)
+    with torch.no_grad():
+        loss, logits = model(idx, targets)[1], model(idx)[0]
+    want = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+    assert loss.dtype == torch.float32 and abs(loss - want) <= 1e-5 * want
+
+
 # ----------------------------------------------------------------------------------------------
 # a loss of the user's own on the gathered logits
 
