@@ -476,7 +476,7 @@ def test_causal_softmax(device, dtype, N, T):
 
 # rows longer than one pass of a warp, 32 V elements (V = 16 / element size: 128 in float32, 256 in
 # 16-bit), up to 4097 on CUDA; on the emulator (a warp in about a millisecond) a few passes of each.
-# (NANOSP_LONG_ROW=4097 runs that on the emulator too: half a minute.)
+# (NANOSP_LONG_ROW=4097 runs that on the emulator too: under a minute.)
 LONG_ROWS = {dtype: int(os.environ.get("NANOSP_LONG_ROW", T))
              for dtype, T in ((torch.float32, 1100), (torch.bfloat16, 600), (torch.float16, 600))}
 
