@@ -1,7 +1,7 @@
 """gpu_check.py: what nanosp claims on a GPU, checked and measured by one command.
 
-    python gpu_check.py --out DIR            # a CUDA machine: about 7 minutes on one H200, 9 at most
-    python gpu_check.py --out DIR --dry-run  # anywhere, tiny sizes (what test_gpu_check.py runs)
+    python3 gpu_check.py --out DIR            # a CUDA machine: 9 minutes at most (--budget 540)
+    python3 gpu_check.py --out DIR --dry-run  # anywhere, tiny sizes (what test_gpu_check.py runs)
 
 DIR gets gpu_check.json (every number), gpu_check.md (the tables, and each target met or missed)
 and gpu_check.log (everything printed). The parts, cheapest and most important first:
