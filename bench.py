@@ -425,11 +425,11 @@ def time_kernel_case(call, inputs, wrt, reps):
     return ms, note
 
 
-def bench_kernels(size):
+def bench_kernels(size, models=KERNEL_MODELS):
     """Each fused op at GPT-2 small's and a GPT-3-like width, bf16: ms, GB/s of the least traffic,
     the fraction of a device-to-device copy's bandwidth, and the speed-up over eager and compile."""
     rows, notes, copy_gbs = [], [], {}
-    for model, shape in KERNEL_MODELS:
+    for model, shape in models:
         for op, call, inputs, wrt, forward_bytes, backward_bytes in kernel_cases(size["s"], **shape):
             ms, note = time_kernel_case(call, inputs, wrt, size["reps"])
             notes += [f"{model} {op}: {note}"] if note else []

@@ -687,3 +687,27 @@ def test_stuck_rank_ends_the_run(sig, text, tmp_path):
         assert codes[0] == 1 and said == f"train.py: error: {says}\n"
     else:  # stopped by torchrun before, while or after it says its one line
         assert codes[0] in (1, -signal.SIGTERM) and said in ("", f"train.py: error: {says}\n"), (codes, said)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU check's switches: --compile and --no-kernels
+
+
+def test_compile_trains_as_eager_and_no_kernels_reaches_the_model(text, tmp_path):
+    """--compile runs each layer under torch.compile: the same losses to float32 rounding, and the
+    log says so. --compile with dropout is refused (the masks' key would recompile every step).
+    --no-kernels makes the model use nanosp's definitions (on CUDA, where kernels.py would run)."""
+    base = [*SMALL, "--n-layer", 1, "--steps", 2, "--data", text]
+    run([*base, "--out-dir", tmp_path / "eager"])
+    try:
+        run([*base, "--compile", "--out-dir", tmp_path / "compiled"])
+    finally:
+        torch._dynamo.reset()  # the other tests run eager
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert [r["compile"] for r in compiled.values()] == [True, True] and not eager[1]["compile"]
+    for step, r in eager.items():
+        assert abs(compiled[step]["loss"] - r["loss"]) <= 1e-5 * r["loss"], (step, compiled[step], r)
+    refused = error_of([*base, "--compile", "--dropout", 0.1, "--out-dir", tmp_path / "x"])
+    assert "--compile needs --dropout 0 (got 0.1)" in refused and not os.path.exists(tmp_path / "x")
+    assert train.model_config(train.parse_args([]), None, None, None).fused_kernels
+    assert not train.model_config(train.parse_args(["--no-kernels"]), None, None, None).fused_kernels

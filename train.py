@@ -123,6 +123,10 @@ def parse_args(argv=None):
     a("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
       help="of the model; bfloat16 keeps float32 master weights and AdamW state")
     a("--device", help="cpu or cuda (default: cuda if available); cuda uses NCCL and LOCAL_RANK")
+    a("--no-kernels", dest="kernels", action="store_false",
+      help="on CUDA, nanosp's PyTorch definitions of the fused ops instead of kernels.py's")
+    a("--compile", action="store_true", help="torch.compile each layer (needs --dropout 0: the masks' key "
+      "changes every step, and each step would compile again)")
     a("--timeout", type=float, default=120,
       help="seconds any process group waits for a collective before the run fails; must exceed a "
       "checkpoint write (rank 0 writes, the rest wait)")
@@ -255,6 +259,9 @@ def check_options(args):
     need("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
     need("timeout", lambda v: 0 < v <= 86400, "must be in (0, 86400] seconds")
     need("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
+    if args.compile and args.dropout:
+        raise Usage(f"--compile needs --dropout 0 (got {args.dropout}): the dropout masks' key changes every "
+                    f"step, and torch.compile would compile every step again")
     if args.activation_budget and args.recompute:
         raise Usage(f"--activation-budget chooses what to recompute: drop --recompute {args.recompute}")
     if args.sample and not args.prompt:
@@ -352,7 +359,7 @@ def model_config(args, ckpt, ckpt_path, pretrained):
         shape = {k: decided[k] for k in SHAPE_KEYS}
     try:
         return nanosp.GPTConfig(**shape, dropout=args.dropout, sequence_parallel=args.sequence_parallel,
-                                recompute=args.recompute or "none")
+                                recompute=args.recompute or "none", fused_kernels=args.kernels)
     except ValueError as e:
         raise Usage(f"checkpoint {ckpt_path}: {e}" if ckpt is not None else e) from None
 
@@ -666,6 +673,12 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def ops_in_use(cfg, device):
+    """Which definitions of the fusable ops the model runs on `device`: kernels.py's or nanosp's."""
+    fused = nanosp.ops_for(torch.empty(0, device=device), cfg) is not nanosp.REFERENCE_OPS
+    return "kernels.py" if fused else "nanosp"
+
+
 def all_reduce_dp(tensor, run):
     """Sums `tensor` over the data-parallel group, in place; nothing to do for one replica."""
     if run.dp_group is not None:
@@ -751,6 +764,9 @@ def train(run):
     model, masters = build_model(cfg, run.tp_group, run.device, getattr(torch, args.dtype),
                                  ckpt["model"] if ckpt else run.init,
                                  f"checkpoint {run.ckpt_path}" if ckpt else f"--init {args.init}")
+    if args.compile:  # the layers; the input checks and the loss's boolean indexing stay eager
+        for block in model.h:
+            block.compile()
     optimizer, start = make_optimizer(masters, args), 0
     if ckpt is not None:
         load_optimizer_state(model, masters, optimizer, ckpt["optimizer"])
@@ -795,7 +811,8 @@ def train(run):
                       "tokens_per_s": tokens / timer, "ms": 1000 * timer / timed_steps,  # since the last line
                       "mem_bytes": peak_memory(run.device), "tp": run.t, "dp": run.dp, "seq_len": T,
                       "sequence_parallel": cfg.sequence_parallel, "recompute": str(plan),
-                      "activation_bytes": plan.activation_bytes}  # predicted: what the layers save, per rank
+                      "activation_bytes": plan.activation_bytes,  # predicted: what the layers save, per rank
+                      "ops": ops_in_use(model.cfg, run.device), "compile": args.compile}
             timer, tokens, timed_steps = 0.0, 0, 0
             if log:
                 try:
