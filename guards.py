@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -181,7 +182,8 @@ class StopSignals:
 
     def __init__(self):
         self.received = 0  # the signal's number, 0 for none
-        self.previous = {sig: signal.signal(sig, self.note) for sig in self.SIGNALS}
+        main = threading.current_thread() is threading.main_thread()  # (the only one signals reach)
+        self.previous = {sig: signal.signal(sig, self.note) for sig in self.SIGNALS} if main else {}
 
     def note(self, signum, frame):
         self.received = signum
