@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import guards
 import ledgers
 import nanosp
 import train
@@ -84,6 +85,72 @@ def exit_codes(report):
     """{rank: exit code} from torchrun's failure report (negative: the signal that ended it)."""
     return {int(rank): int(code) for rank, code in
             re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)", report)}
+
+
+class Background:
+    """train.py in the background, in a session of its own: under torchrun with the options
+    `launcher`, or plain python (launcher=None). Its stdout and stderr go to files. Leaving the
+    block kills what is left of it: torchrun and every rank it started (each in a session of its
+    own), stopped ones too."""
+
+    def __init__(self, args, tmp_path, launcher=("--nproc_per_node=2",), name="run"):
+        cmd = [sys.executable] + ([] if launcher is None else ["-m", "torch.distributed.run", *launcher])
+        self.paths = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with open(self.paths[0], "w") as out, open(self.paths[1], "w") as err:
+            self.proc = subprocess.Popen(list(map(str, [*cmd, os.path.join(HERE, "train.py"), *args])), env=ENV,
+                                         stdout=out, stderr=err, start_new_session=True)
+        self.seen = set()
+
+    def ranks(self):
+        """{rank: pid} of the ranks torchrun runs now; {} while it (re)starts them."""
+        ranks = {}
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+            for pid in children:
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/environ", "rb") as f:  # (before exec, torchrun's own)
+                        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+                    if b"RANK" in env:
+                        ranks[int(env[b"RANK"])] = pid
+        self.seen.update(ranks.values())
+        return ranks
+
+    def stdout(self):
+        return self.paths[0].read_text()
+
+    def stderr(self):
+        return self.paths[1].read_text()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.ranks()
+        for pid in [*self.seen, self.proc.pid]:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        self.proc.wait()
+
+
+def wait_for_step(out_dir, step, *jobs, timeout=120):
+    """Until out_dir/log.jsonl has logged `step` or a later one; every job must still be running."""
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(out_dir), default=0) < step:
+        for job in jobs:
+            assert job.proc.poll() is None, f"the run ended before step {step}:\n{job.stderr()}"
+        assert time.monotonic() < deadline, f"no step {step} in {timeout} s"
+        time.sleep(0.01)
+
+
+def logged_steps(out_dir):
+    steps = []
+    with contextlib.suppress(OSError), open(os.path.join(out_dir, "log.jsonl")) as f:
+        for line in f:
+            with contextlib.suppress(ValueError, KeyError):  # a line being written
+                steps.append(json.loads(line)["step"])
+    return steps
 
 
 def read_log(out_dir):
@@ -648,41 +715,19 @@ def test_stuck_rank_ends_the_run(sig, text, tmp_path):
     killed (SIGKILL). Rank 0 says so in one line and exits 1; the run ends in bounded time."""
     timeout, out, logs = 6, tmp_path / "out", tmp_path / "logs"
     says, most = STUCK[sig]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}",
-           "--log-dir", logs, "--redirects", "2", os.path.join(HERE, "train.py"), *SMALL, "--data", text,
-           "--steps", 10**6, "--eval-interval", 0, "--ckpt-interval", 0, "--tp", 2, "--timeout", timeout,
-           "--out-dir", out]
-    with open(tmp_path / "torchrun.err", "w+") as report:
-        proc = subprocess.Popen(list(map(str, cmd)), env=ENV, stdout=subprocess.DEVNULL, stderr=report)
-        workers = []
-        try:
-            deadline = time.monotonic() + 120
-            while not (out / "log.jsonl").exists() or not (out / "log.jsonl").stat().st_size:  # step 1 done
-                assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
-                time.sleep(0.1)
-            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                workers = [int(pid) for pid in f.read().split()]
-            rank_of = {}
-            for pid in workers:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-                rank_of[int(env[b"RANK"])] = pid
-            os.kill(rank_of[1], getattr(signal, sig))
-            start = time.monotonic()
-            proc.wait(timeout=most + 30)
-            elapsed = time.monotonic() - start
-        finally:
-            for pid in workers:  # never leave a stopped process behind
-                for kill in (signal.SIGCONT, signal.SIGKILL):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, kill)
-            proc.kill()
-        report.seek(0)
-        codes = exit_codes(report.read())
+    args = [*SMALL, "--data", text, "--steps", 10**6, "--eval-interval", 0, "--ckpt-interval", 0, "--tp", 2,
+            "--timeout", timeout, "--out-dir", out]
+    with Background(args, tmp_path, ["--nproc_per_node=2", "--log-dir", logs, "--redirects", "2"]) as job:
+        wait_for_step(out, 1, job)
+        os.kill(job.ranks()[1], getattr(signal, sig))
+        start = time.monotonic()
+        job.proc.wait(timeout=most + 30)
+        elapsed = time.monotonic() - start
+    codes = exit_codes(job.stderr())
     print(f"{sig} of rank 1, --timeout {timeout}: the run ended after {elapsed:.1f} s")
     assert elapsed < most and (sig != "SIGSTOP" or elapsed > timeout)
     said = rank_stderr(logs, 0)
-    assert proc.returncode != 0 and codes[1] == -signal.SIGKILL and rank_stderr(logs, 1) == ""
+    assert job.proc.returncode != 0 and codes[1] == -signal.SIGKILL and rank_stderr(logs, 1) == ""
     if sig == "SIGSTOP":
         assert codes[0] == 1 and said == f"train.py: error: {says}\n"
     else:  # stopped by torchrun before, while or after it says its one line
@@ -711,3 +756,230 @@ def test_compile_trains_as_eager_and_no_kernels_reaches_the_model(text, tmp_path
     assert "--compile needs --dropout 0 (got 0.1)" in refused and not os.path.exists(tmp_path / "x")
     assert train.model_config(train.parse_args([]), None, None, None).fused_kernels
     assert not train.model_config(train.parse_args(["--no-kernels"]), None, None, None).fused_kernels
+
+
+# ----------------------------------------------------------------------------------------------
+# what a cluster does to a run: restarts, preemption, divergence, a busy directory, a lost node
+
+
+def cluster_args(text, out, *extra):
+    """Dropout on, a checkpoint every 5 steps, t = the world size: resumes are exact (float32)."""
+    return [*SMALL, "--data", text, "--steps", 40, "--dropout", 0.1, "--eval-interval", 10, "--ckpt-interval", 5,
+            "--timeout", 30, "--out-dir", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(text, tmp_path_factory):
+    """{nproc: log} of the runs that nothing stopped, each made when first asked for."""
+    logs = {}
+
+    def log_of(nproc):
+        if nproc not in logs:
+            out = tmp_path_factory.mktemp(f"uninterrupted{nproc}")
+            run(cluster_args(text, out), nproc=nproc)
+            logs[nproc] = read_log(out)
+        return logs[nproc]
+    return log_of
+
+
+def assert_resumed_exactly(out, want):
+    got = read_log(out)
+    assert sorted(got) == sorted(want) == list(range(1, 41))
+    assert [got[s]["loss"] for s in want] == [want[s]["loss"] for s in want]  # bit for bit
+    assert [got[s]["val_loss"] for s in (10, 20, 30, 40)] == [want[s]["val_loss"] for s in (10, 20, 30, 40)]
+
+
+def new_ranks(job, old, timeout=60):
+    """{rank: pid} of the ranks torchrun started after the ranks `old`, as soon as both are there."""
+    start, ranks = time.monotonic(), old
+    while len(ranks) < 2 or set(ranks.values()) & set(old.values()):
+        assert time.monotonic() - start < timeout and job.proc.poll() is None, job.stderr()
+        time.sleep(0.005)
+        ranks = job.ranks()
+    return ranks
+
+
+def test_elastic_restart_comes_back_and_resumes_exactly(uninterrupted, text, tmp_path):
+    """torchrun --max-restarts --resume: a rank is SIGKILLed mid-run, NANOSP_RESTARTS times (default
+    1; rank 1, rank 0, ...), and torchrun starts both ranks again; then once more, and this time
+    the new rank 0 is held (SIGSTOP) for 6 s before it joins, as a node slow to come back would be.
+    torchrun's store still holds the killed attempt's gloo addresses: rank 1 read rank 0's old one
+    and failed ("Connection refused"), or hung in init_process_group, whenever it got there first.
+    Now every attempt comes back, rank 1 waits for the held rank 0, and the run ends with the
+    uninterrupted run's losses, bit for bit."""
+    out, restarts = tmp_path / "out", int(os.environ.get("NANOSP_RESTARTS", 1))
+    launcher = ["--nproc_per_node=2", f"--max-restarts={restarts + 1}"]
+    with Background(cluster_args(text, out, "--resume"), tmp_path, launcher) as job:
+        seconds, resumed_at = [], 0
+        for attempt in range(restarts + 1):
+            wait_for_step(out, max(resumed_at + 3, 7), job)  # 3 steps after the checkpoint it resumed from
+            killed, log = job.ranks(), os.stat(out / "log.jsonl").st_ino
+            os.kill(killed[attempt % 2], signal.SIGKILL)
+            start, resumed_at = time.monotonic(), load_ckpt(out)["step"]
+            ranks = new_ranks(job, killed)
+            if attempt == restarts:  # hold rank 0, whose address rank 1 reads to connect to it
+                os.kill(ranks[0], signal.SIGSTOP)  # before it has imported torch (a second or more)
+                time.sleep(6)  # longer than gloo tries to connect (about 3 s)
+                os.kill(ranks[0], signal.SIGCONT)
+            while os.stat(out / "log.jsonl").st_ino == log or max(logged_steps(out), default=0) <= resumed_at:
+                assert time.monotonic() - start < 120 and job.proc.poll() is None, job.stderr()  # (a resume
+                time.sleep(0.01)  # rewrites the log, cut back to its checkpoint, then logs the next step)
+            seconds.append(time.monotonic() - start)
+        assert job.proc.wait(timeout=120) == 0, job.stderr()
+    times = ", ".join(f"{s:.1f}" for s in seconds[:-1])
+    print(f"{restarts} restarts came back, from the SIGKILL to the first resumed step: {times} s "
+          f"(median {sorted(seconds[:-1])[len(seconds[:-1]) // 2]:.1f} s); with a rank held 6 s: {seconds[-1]:.1f} s")
+    assert job.stdout().count("resuming from") == restarts + 1  # (the first attempt: "no checkpoint")
+    assert_resumed_exactly(out, uninterrupted(2))
+
+
+STOPS = {  # who is sent what: (the launcher, the signal, who gets it)
+    "SIGTERM to torchrun": (["--nproc_per_node=2"], signal.SIGTERM, "torchrun"),  # it forwards it to both ranks
+    "SIGTERM to rank 1 only": (["--nproc_per_node=2"], signal.SIGTERM, 1),  # rank 0 learns it from rank 1
+    "SIGINT to python": (None, signal.SIGINT, "python"),  # Ctrl-C
+}
+
+
+@pytest.mark.parametrize("case", STOPS)
+def test_stop_signal_checkpoints_the_step_every_rank_stopped_after(case, uninterrupted, text, tmp_path):
+    """A signal mid-run: every rank stops after the same step, whose checkpoint is written, one line
+    says so, the ranks exit 128 + the signal's number, and --resume gives the uninterrupted run's
+    losses. A rank that stopped alone would leave the other in a collective: no checkpoint."""
+    launcher, sig, who = STOPS[case]
+    out = tmp_path / "out"
+    with Background(cluster_args(text, out), tmp_path, launcher) as job:
+        wait_for_step(out, 12, job)
+        os.kill(job.proc.pid if who in ("torchrun", "python") else job.ranks()[who], sig)
+        start = time.monotonic()
+        job.proc.wait(timeout=60)
+        print(f"{case}: the run ended {time.monotonic() - start:.1f} s after the signal")
+    said = [line for line in job.stderr().splitlines() if line.startswith("train.py")]
+    stopped = re.fullmatch(rf"train.py: stopped by {sig.name} after step (\d+): {out / 'ckpt.pt'} holds it; "
+                           r"continue with --resume", said[0] if len(said) == 1 else "")
+    assert stopped, job.stderr()
+    step = int(stopped[1])
+    assert 12 <= step < 40 and load_ckpt(out)["step"] == step and max(read_log(out)) == step
+    if who == "python":
+        assert job.proc.returncode == 128 + sig and job.stderr() == said[0] + "\n"
+    elif who == 1:  # torchrun reports both ranks' exit codes; the resume is the case above's
+        assert set(exit_codes(job.stderr()).values()) == {128 + sig}, job.stderr()
+        return
+    nproc = 1 if launcher is None else 2
+    run(cluster_args(text, out, "--resume"), nproc=nproc)
+    assert_resumed_exactly(out, uninterrupted(nproc))
+
+
+def strict_json(line):
+    """json.loads that refuses NaN and Infinity, which RFC 8259 (and jq, and JavaScript) reject."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_diverging_run_stops_before_the_bad_step_and_keeps_the_checkpoint(text, tmp_path):
+    """From a good checkpoint at --lr 200 the loss grows and turns nan. The first non-finite step
+    is not applied; the run stops with one line naming it and the last finite loss, exit code 3;
+    the last checkpoint (of finite weights) is kept, and log.jsonl stays strict JSON."""
+    common = [*SMALL, "--data", text, "--steps", 30, "--ckpt-interval", 2, "--eval-interval", 1, "--out-dir", tmp_path]
+    run([*common, "--stop-after", 4])
+    msg = error_of([*common, "--resume", "--lr", 200], code=3)
+    found = re.fullmatch(r"train.py: error: step (\d+): the (loss|gradient norm) is not finite \(.*\): the step is not "
+                         r"applied; the last finite loss was (\S+) at step (\d+); the checkpoint of step (\d+) is kept", msg)
+    assert found, msg
+    bad, last_loss, last, kept = int(found[1]), float(found[3]), int(found[4]), int(found[5])
+    with open(tmp_path / "log.jsonl") as f:
+        log = {r["step"]: r for r in map(strict_json, f)}
+    assert last == bad - 1 and max(log) == last and log[last]["loss"] == pytest.approx(last_loss, rel=1e-5)
+    ckpt = load_ckpt(tmp_path)
+    assert ckpt["step"] == kept == last - last % 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+    assert strict_json(guards.json_line({"loss": math.nan, "val_loss": -math.inf, "lr": 0.5})) == {
+        "loss": None, "val_loss": None, "lr": 0.5}
+    guard = guards.StepGuard(guards.StopSignals(), start=8)
+    guard.signals.restore()
+    with pytest.raises(guards.Diverged, match="step 9: the weights are not all finite"):
+        guard.check_weights({"w": torch.tensor([1.0, math.inf])}, 9)
+
+
+def test_one_run_per_out_dir_and_a_killed_run_leaves_no_lock(text, tmp_path):
+    """While a run trains into --out-dir, a second one is refused in one line naming the first
+    (pid and host). Once the first is SIGKILLed, its lock file blocks nothing: --resume continues."""
+    out = tmp_path / "out"
+    args = [*SMALL, "--data", text, "--steps", 10**6, "--ckpt-interval", 3, "--out-dir", out]
+    with Background(args, tmp_path, launcher=None) as first:
+        wait_for_step(out, 4, first)
+        msg = error_of([*args, "--resume", "--stop-after", 8])
+        assert msg == (f"train.py: error: --out-dir {out} is in use by the run of pid {first.proc.pid} on host "
+                       f"{socket.gethostname()} (it holds {out / 'lock'}); wait for it to end, or choose another --out-dir")
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+    assert (out / "lock").exists()  # left behind, still naming the killed run
+    step = load_ckpt(out)["step"]
+    assert f"at step {step}" in run([*args, "--resume", "--stop-after", step + 1]).stdout
+    assert load_ckpt(out)["step"] == step + 1 and not (out / "lock").exists()
+
+
+def listening(port):
+    """Whether a socket of this machine listens on TCP `port` (state 0A in /proc/net/tcp)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            if any(int(row.split()[1].split(":")[1], 16) == port and row.split()[3] == "0A" for row in list(f)[1:]):
+                return True
+    return False
+
+
+def running(pid):
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+LOST = {  # which node is lost, and how
+    # torchrun starts each rank in a session of its own: killing the agent's process group (as one
+    # ends a node's job) left its ranks behind, and they trained on, unsupervised, with node A's
+    "node B's agent's process group is SIGKILLed": ("b", "group"),
+    # node A holds rank 0 (c10d orders the nodes by pid) and the rendezvous: node B's ranks lose theirs
+    "node A's agent and its ranks are SIGKILLed": ("a", "ranks"),
+}
+
+
+def test_lost_node_ends_the_other_and_resume_continues(text, tmp_path):
+    """Two torchrun agents on this machine, c10d rendezvous on loopback, 2 ranks each, tp=2 (TP
+    inside a node, DP across). A node is lost mid-run, once each way: the other node's ranks end
+    within --timeout and a few seconds, with one line and a non-zero exit, none of the lost node's
+    ranks is left, and --resume on both nodes continues from the last checkpoint."""
+    timeout, out = 10, tmp_path / "out"
+    args = [*SMALL, "--data", text, "--steps", 10**6, "--eval-interval", 0, "--ckpt-interval", 5, "--tp", 2,
+            "--timeout", timeout, "--out-dir", out, "--resume"]
+    for attempt, how in enumerate(LOST):
+        port, step = free_port(), load_ckpt(out)["step"] if attempt else 0
+        launcher = ["--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    f"--rdzv-id=lost{attempt}"]
+        with Background(args, tmp_path, launcher, name=f"a{attempt}") as a:
+            while not listening(port):  # A hosts the rendezvous, and starts first: it holds rank 0
+                assert a.proc.poll() is None, a.stderr()
+                time.sleep(0.05)
+            with Background(args, tmp_path, launcher, name=f"b{attempt}") as b:
+                wait_for_step(out, step + 7, a, b)
+                (lost, other), kill = (b, a) if LOST[how][0] == "b" else (a, b), LOST[how][1]
+                ranks = lost.ranks()
+                assert (0 in ranks) == (lost is a), ranks
+                if kill == "group":
+                    os.killpg(lost.proc.pid, signal.SIGKILL)
+                else:
+                    for pid in [lost.proc.pid, *ranks.values()]:
+                        os.kill(pid, signal.SIGKILL)
+                start = time.monotonic()
+                other.proc.wait(timeout=timeout + 60)
+                elapsed = time.monotonic() - start
+                time.sleep(1)
+                left = [pid for pid in ranks.values() if running(pid)]
+        said = [line for line in (a.stderr() + b.stderr()).splitlines() if line.startswith("train.py")]
+        print(f"{how}, --timeout {timeout}: the other node ended after {elapsed:.1f} s: {said}")
+        assert elapsed < timeout + 15 and other.proc.returncode != 0 and len(said) == 1 and not left, (
+            elapsed, said, left)
+        if attempt:
+            assert f"resuming from {out / 'ckpt.pt'} at step {step}" in a.stdout() + b.stdout()
+    assert load_ckpt(out)["step"] > step

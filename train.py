@@ -37,6 +37,9 @@ What to look for:
   collective, so a rank that stops answering ends the run with one line (exit code 1): the rank
   that notices ends this host's other ranks, even a stopped one (SIGSTOP), which torchrun's SIGTERM
   cannot end. A failed checkpoint write keeps the previous checkpoint.
+- On a cluster (guards.py): restarts under torchrun --max-restarts come back; SIGTERM or SIGINT
+  stops every rank after the same step, whose checkpoint is written; a non-finite loss or gradient
+  norm stops the run before that step is applied; one run per --out-dir (a lock).
 """
 import argparse
 import contextlib
@@ -58,8 +61,10 @@ import torch
 import torch.distributed as dist
 
 import gpt2
+import guards
 import ledgers
 import nanosp
+from guards import Failure, Timeout, Usage
 
 PRESETS = {  # model shape; vocab 256 = bytes
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=256),
@@ -67,23 +72,12 @@ PRESETS = {  # model shape; vocab 256 = bytes
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
 }
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "seed")
-MULTI_NODE = """multi-node (run on every node, same --master-addr, --node-rank 0..N-1):
-  torchrun --nnodes=2 --node-rank=0 --nproc-per-node=8 --master-addr=HOST --master-port=29500 \\
-      train.py --preset gpt2 --tp 8 --sequence-parallel --recompute selective --dtype bfloat16"""
+MULTI_NODE = """multi-node (the same command on every node; HOST runs the rendezvous, JOB names the run):
+  torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
+      train.py --preset gpt2 --tp 8 --sequence-parallel --recompute selective --dtype bfloat16
 
-
-class Failure(Exception):
-    """A run that cannot go on (a collective timed out, a write failed): one line, exit code 1."""
-    code = 1
-
-
-class Timeout(Failure):
-    """A collective that timed out: the run is over, so this host's other ranks are ended too."""
-
-
-class Usage(Failure):
-    """A bad option or file: one line, exit code 2, on every rank alike."""
-    code = 2
+exit codes: 0 done, 1 failed, 2 bad option or file, 3 diverged (a non-finite loss or gradient
+norm), 130 / 143 stopped by SIGINT / SIGTERM after writing the checkpoint of the last step"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -444,6 +438,8 @@ class Run:
     tp_group: object = None    # the process groups, set by setup_distributed
     dp_group: object = None
     peers: list = dataclasses.field(default_factory=list)  # (host, pid) of every rank
+    lock: guards.DirectoryLock | None = None  # rank 0's, on --out-dir
+    guard: guards.StepGuard | None = None     # set when the first step is about to run
 
     @property
     def dp_rank(self):  # which data-parallel replica this rank belongs to
@@ -517,6 +513,8 @@ def validate(args, world, rank):
     if args.init and ckpt is None:
         run.init = pretrained.state_dict if pretrained else load_init_file(args, cfg)
     check_out_dir(args, resuming=args.resume)
+    if rank == 0:  # the rank that writes holds --out-dir until it ends
+        run.lock = guards.DirectoryLock(args.out_dir)
     return run
 
 
@@ -533,7 +531,7 @@ def collectives(group, run):
             raise Timeout(f"a collective on the {group} group timed out after {run.args.timeout:g} s: "
                           f"a rank stopped answering") from None
         if "connection reset" in text or "connection closed" in text or "broken pipe" in text:
-            raise Failure(f"a collective on the {group} group lost a rank: its process ended") from None
+            raise guards.Lost(f"a collective on the {group} group lost a rank: its process ended") from None
         raise
 
 
@@ -547,7 +545,7 @@ def setup_distributed(run):
     timeout = timedelta(seconds=run.args.timeout)
     t, dp, world = run.t, run.dp, run.t * run.dp
     with collectives("default (all ranks)", run):
-        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=timeout)
+        guards.join_world("nccl" if run.device.type == "cuda" else "gloo", timeout)  # restarts too
         # every rank creates every group, in the same order
         tp_groups = [dist.new_group(list(range(d * t, d * t + t)), timeout=timeout) for d in range(dp)]
         dp_groups = [dist.new_group(list(range(r, world, t)), timeout=timeout) for r in range(t)]
@@ -650,6 +648,8 @@ def remove_stale_temps(directory):
 
 def save_checkpoint(run, model, masters, optimizer, step):
     """The master weights (float32 under bfloat16), unsharded: model.full_state_dict() of them."""
+    with collectives("default (all ranks)", run):
+        run.guard.check_weights(masters, step)  # never replaces a checkpoint with non-finite weights
     if run.dp_rank != 0:  # DP replicas hold the same weights: only replica 0's TP group gathers
         return
     weights = {name: model.full_tensor(name, p.detach()).cpu() for name, p in masters.items()}
@@ -661,6 +661,7 @@ def save_checkpoint(run, model, masters, optimizer, step):
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
         write_atomic(run.ckpt_path, buffer.getbuffer())
+    run.guard.saved = step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,6 +748,8 @@ def train_step(run, model, masters, optimizer, step, seq_len):
         p.grad = None
         master.grad = g.view_as(master)
     norm = grad_norm(model, masters)
+    with collectives("default (all ranks)", run):
+        run.guard.check_step(step, flat[-1], norm)  # raises Diverged before a non-finite step is applied
     if args.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(master_list, args.grad_clip, norm.to(dtype))
     optimizer.step()
@@ -786,6 +789,7 @@ def train(run):
         f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {lengths} tokens in "
         f"{args.grad_accum} micro-steps, {run.device}, {args.dtype}")
     timer, tokens, timed_steps = 0.0, 0, 0
+    run.guard = guards.StepGuard(guards.StopSignals(), start)  # SIGTERM, SIGINT: stop after a step
     for step in range(start + 1, stop + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, args)
@@ -816,13 +820,15 @@ def train(run):
             timer, tokens, timed_steps = 0.0, 0, 0
             if log:
                 try:
-                    log.write(json.dumps(record) + "\n")
+                    log.write(guards.json_line(record))
                     log.flush()
                 except OSError as e:
                     raise Failure(f"{log.name} could not be written: {e.strerror.lower()}") from None
                 say(progress_line(record, args.max_steps, planned=bool(run.plans or args.seq_len_schedule)), flush=True)
-        if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == stop:
+        if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == stop or run.guard.stopping:
             save_checkpoint(run, model, masters, optimizer, step)
+        if run.guard.stopping:  # every rank got here after the same step
+            raise guards.Stopped(run.guard.stopping, step, run.ckpt_path)
     if start == stop == 0:  # --stop-after 0: the weights as they start, as a checkpoint
         save_checkpoint(run, model, masters, optimizer, 0)
     elif start >= stop:
@@ -886,18 +892,35 @@ def sample(run):
         print(decode(run.tokenizer, idx[0].tolist()))
 
 
-def fail(error, rank, peers=()):
+def fail(error, rank, peers=(), signals=None):
     """Ends this process with one line and the error's exit code. Rank 0 speaks at once; torchrun
     then stops the other ranks. They wait a moment first, because torchrun stops every rank as soon
     as one exits, maybe before rank 0 has printed. A rank still running after that speaks too,
-    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail).
-    After a timeout the rank that speaks also ends this host's other ranks: torchrun's SIGTERM
-    cannot end a stopped process, and it waits 30 s before its SIGKILL."""
-    if rank != 0:
-        time.sleep(5)
-    where = "" if rank == 0 else f"rank {rank}: "
-    print(f"train.py: error: {where}{error}", file=sys.stderr, flush=True)
+    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail); a
+    node's other ranks wait longer, so that one line comes from each node. After a timeout the rank
+    that speaks also ends this host's other ranks: torchrun's SIGTERM cannot end a stopped process,
+    and it waits 30 s before its SIGKILL. What every rank agreed on (a stop, a divergence) rank 0
+    alone says. When a rank's process ended (Lost), each node's first rank says so at once and its
+    other ranks end silently at once, so that a first rank blocked on them learns it too."""
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    if isinstance(error, (guards.Stopped, guards.Diverged)):
+        if "RANK" in os.environ:  # torchrun's SIGTERM, which follows the first rank out, keeps the code
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        quiet = rank != 0
+    elif isinstance(error, guards.Lost):
+        quiet = not first
+    else:
+        if signals is not None:
+            signals.restore()  # so that torchrun's SIGTERM ends this rank while it waits
+        if rank != 0 and not (signals and signals.received):  # (received: torchrun is stopping it)
+            time.sleep(5 if first else 7)
+        quiet = False
     code = error.code if isinstance(error, Failure) else 2
+    if quiet:
+        sys.exit(code)
+    where = "" if rank == 0 else f"rank {rank}: "
+    what = "" if isinstance(error, guards.Stopped) else "error: "
+    print(f"train.py: {what}{where}{error}", file=sys.stderr, flush=True)
     if isinstance(error, Timeout):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, once it sees a peer end: exit with `code`
         for host, pid in peers:
@@ -915,6 +938,8 @@ def main(argv=None):
         run = validate(args, world, rank)
     except (Failure, ValueError) as e:
         fail(e, rank)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save
+        fail(guards.Stopped(signal.SIGINT), rank)
     try:
         # the collectives not named otherwise (the model's, the gradient norm's, the checkpoint's)
         with collectives("tensor-parallel", run):
@@ -923,8 +948,14 @@ def main(argv=None):
             else:
                 train(run)
     except Failure as e:
-        fail(e, rank, run.peers)
+        fail(e, rank, run.peers, run.guard and run.guard.signals)
+    except KeyboardInterrupt:
+        fail(guards.Stopped(signal.SIGINT), rank, run.peers)
     finally:
+        if run.guard:
+            run.guard.signals.restore()
+        if run.lock:
+            run.lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
