@@ -604,19 +604,24 @@ class Stepped(NamedTuple):
     units: int              # their moves' ring bytes, in units of (t-1)/t
     kept: tuple             # ((value, placement), bytes on one rank) of what the op keeps for backward
 
-def choices(g, k, t, live):
-    """Op k's choices in this state: unsplit; split along an index of its outputs, or of what it sums over, that t
-    divides, that it can split and no operand holds twice; a linear group read as P if one of it is P. An
-    elementwise op or a view whose activations are placed alike keeps that placement when it can: a move before
-    it costs what one after it would (the plan space searched, exactly, is the one where they do)."""
-    op, law = g.ops[k], g.ops[k].law
+def options(g, k, t):
+    """Op k's choices at size t: unsplit; split along an index of its outputs, or of what it sums over, that t
+    divides, that it can split and no operand holds twice; each of its linear groups read as P."""
     if (k, t) not in g.memo:
+        op, law = g.ops[k], g.ops[k].law
         vals = [g.values[v] for v in op.inputs + tuple(o for o in op.outputs if o)]
         found = {f for o in op.outputs if o for f in g.values[o].factors} | law.summed
         ok = [f for f in sorted(found - law.whole, key=g.idx.born.get)
               if g.idx.size[f] % t == 0 and all(sum(f in d for d in v.dims) <= 1 for v in vals)]
         g.memo[k, t] = [Choice()] + [Choice(f) for f in ok] + [Choice(partial=i) for i in range(len(law.linear))]
-    opts, placed = g.memo[k, t], {live[v][0] for v in op.inputs if g.values[v].kind != "parameter" and v in live}
+    return g.memo[k, t]
+
+def choices(g, k, t, live):
+    """The options worth trying in this state. An elementwise op or a view whose activations are placed alike
+    keeps that placement when it can: a move before it costs what one after it would (the plan space searched,
+    exactly, is the one where they do). A linear group is read as P only if one of it is P already."""
+    op, law, opts = g.ops[k], g.ops[k].law, options(g, k, t)
+    placed = {live[v][0] for v in op.inputs if g.values[v].kind != "parameter" and v in live}
     if law.view and len(placed) == 1:
         p, ps = placed.pop(), {v for v in op.inputs if v in live and live[v][0] == P}
         keep = Choice(p.index) if p.kind == "S" else Choice() if p == R else \
@@ -719,9 +724,9 @@ def _same(g, a, b, n):
     at the same places; else None."""
     fmap, back, made = {}, {}, {o: (k, i) for k, op in enumerate(g.ops) for i, o in enumerate(op.outputs) if o}
 
-    def role(v, start):
+    def role(v, start):  # the segment's first value (an input or not), a value it makes, or a leaf
         k, i = made.get(v, (-1, 0))
-        return g.values[v].kind, g.values[v].shape, k - start if k >= start else None, i
+        return ("first",) if v in g.live[start] else (g.values[v].kind, g.values[v].shape, k - start if k >= start else None, i)
 
     for x, y in zip(g.ops[a:a + n], g.ops[b:b + n]):
         if x.kind != y.kind or repr(fx.node.map_arg(x.node.args, lambda _: 0)) != repr(fx.node.map_arg(y.node.args, lambda _: 0)):
