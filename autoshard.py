@@ -808,7 +808,10 @@ def discover(module, example_inputs, t, dims=None, constraint="weights"):
         raise ValueError(f"constraint={constraint!r} is not one of {tuple(CONSTRAINTS)}")
     if not isinstance(t, int) or isinstance(t, bool) or t < 2:
         raise ValueError(f"t={t!r} must be an int >= 2: the number of ranks to shard over")
-    g = Graph(module, example_inputs, dims)
+    return solve(Graph(module, example_inputs, dims), t, constraint)
+
+def solve(g, t, constraint):
+    """discover's search, on a traced Graph."""
     sizes = sorted({n for n in g.idx.size.values() if n > 1})
     if not any(n % t == 0 for n in sizes):
         raise ValueError(f"t={t} divides no dimension of {g.module}'s tensors (their sizes: {sizes})")
