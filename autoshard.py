@@ -157,6 +157,9 @@ def _align(g, node, out, xs, cut=0):
                 out[-k] = d
     return out
 
+def _gone(dim, n):
+    return range(n) if dim in (None, []) else {d % n for d in ([dim] if isinstance(dim, int) else dim)}
+
 def _pointwise(saves, linear):
     """An elementwise op. saves: "inputs", "out", "first"/"second" (a mask) or "". linear: "all" (its tensors
     together, not with a number added), "one" (any one), "first", "rest", "fill0" or ""."""
@@ -173,11 +176,9 @@ def _pointwise(saves, linear):
 def _reduction(linear):
     """sum, mean: linear, and a split along a summed index gives P; the others cannot split it."""
     def rule(g, node, a):
-        x, dim = a["self"], a.get("dim")
-        dx = g.dims(x)
-        gone = range(len(dx)) if dim in (None, []) else {d % len(dx) for d in ([dim] if isinstance(dim, int) else dim)}
+        dx, gone = g.dims(a["self"]), _gone(a.get("dim"), len(g.shape(a["self"])))
         out, summed = [() if k in gone else d for k, d in enumerate(dx) if a.get("keepdim") or k not in gone], [dx[k] for k in gone]
-        return Law([out], summed=summed, linear=((x,),)) if linear else Law([out], whole=summed, saves=(x, "out"))
+        return Law([out], summed=summed, linear=((a["self"],),)) if linear else Law([out], whole=summed, saves=(a["self"], "out"))
     return rule
 
 def _contraction(g, node, a):
@@ -191,8 +192,7 @@ def _contraction(g, node, a):
     g.idx.unify(dx[-1], dw[-2] if len(dw) > 1 else dw[0], source(node))
     out = _align(g, node, [()] * (len(g.shape(node)) - 1 - (len(dw) > 1)), [x, w], cut=2) + [dx[-2]] + dw[-1:] * (len(dw) > 1)
     _align(g, node, out, [bias] if bias is not None else [])
-    groups = ((x, bias), (w, bias)) if bias is not None else ((x,), (w,))
-    return Law([out], summed=(dx[-1],), linear=groups, affine=(bias,), saves=(x, w))
+    return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
 def _norm(g, node, a):
     """layer_norm, rms_norm: the normalised dims whole; keeps x and each row's statistics."""
@@ -208,8 +208,7 @@ def _attention(g, node, a):
     if a["dropout_p"]:
         raise ValueError(f"scaled_dot_product_attention with dropout_p={a['dropout_p']} ({source(node)}): a sharded "
                          f"run would draw other masks; trace the module in eval() or with dropout 0")
-    dq, dk, dv = g.dims(q), g.dims(k), g.dims(v)
-    group = g.shape(q)[-3] // g.shape(k)[-3]
+    dq, dk, dv, group = g.dims(q), g.dims(k), g.dims(v), g.shape(q)[-3] // g.shape(k)[-3]
     for x, y in ((dq[-3], dk[-3] + ((g.idx.new("group", group),) if group > 1 else ())), (dk[-3], dv[-3]),
                  (dq[-1], dk[-1]), (dk[-2], dv[-2])):
         g.idx.unify(x, y, source(node))
@@ -218,20 +217,18 @@ def _attention(g, node, a):
     return Law([batch + [dq[-3], dq[-2], dv[-1]]], whole=(dq[-2], dk[-2], dq[-1], dv[-1]), saves=(q, k, v, "out"),
                new=(batch + [dq[-3], dq[-2]],))
 
-def _view(g, node, a):
-    """view, reshape, flatten: factors regrouped; an uneven regrouping cannot split what it touches."""
-    out = g.idx.regroup(g.dims(a["self"]), g.shape(node))
-    if out is None:
-        out = _fresh(g, g.shape(node), node.name)
-        return Law([out], whole=tuple(g.dims(a["self"])) + tuple(out), view=True)
-    return Law([out], linear=((a["self"],),), view=True)
-
 def _shape_op(g, node, a):
-    """permute, transpose, unsqueeze, squeeze, expand: dims moved or added; slice, select, narrow: part of a dim
-    taken, which then cannot split."""
+    """view, reshape, flatten: factors regrouped (an uneven regrouping cannot split what it touches); permute,
+    transpose, unsqueeze, squeeze, expand: dims moved or added; slice, select: part of a dim taken, whole."""
     name, x = op_name(node), a["self"]
     dx, sx, shape, whole = list(g.dims(x)), g.shape(x), g.shape(node), ()
-    if name in ("permute", "numpy_T"):
+    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
+        out = g.idx.regroup(dx, shape)
+        if out is None:
+            out = _fresh(g, shape, node.name)
+            return Law([out], whole=tuple(dx + out), view=True)
+        dx = out
+    elif name in ("permute", "numpy_T"):
         dx = [dx[d] for d in a.get("dims", range(len(dx))[::-1])]
     elif name in ("transpose", "t"):
         i, j = (a["dim0"], a["dim1"]) if name == "transpose" else (0, -1)
@@ -239,19 +236,16 @@ def _shape_op(g, node, a):
     elif name == "unsqueeze":
         dx.insert(a["dim"] % (len(dx) + 1), ())
     elif name == "squeeze":
-        dim = a.get("dim")
-        gone = range(len(sx)) if dim is None else {d % len(sx) for d in ([dim] if isinstance(dim, int) else dim)}
-        dx = [d for k, d in enumerate(dx) if not (k in gone and sx[k] == 1)]
+        dx = [d for k, d in enumerate(dx) if not (k in _gone(a.get("dim"), len(sx)) and sx[k] == 1)]
     elif name == "expand":  # a size-1 dim grown to n is a new index
         sx, dx = (1,) * (len(shape) - len(sx)) + sx, [()] * (len(shape) - len(dx)) + dx
         dx = [d if m == n else _fresh(g, [n], f"{node.name}.{k}")[0] for k, (d, m, n) in enumerate(zip(dx, sx, shape))]
-    else:  # slice, select, narrow
+    elif name == "select":
         k = a["dim"] % len(dx)
-        if name == "select":
-            whole, dx = (dx[k],), dx[:k] + dx[k + 1:]
-        elif shape[k] != sx[k]:
-            new = _fresh(g, [shape[k]], f"{node.name}.{k}")[0]
-            whole, dx[k] = (dx[k], new), new
+        whole, dx = (dx[k],), dx[:k] + dx[k + 1:]
+    elif shape[k := a["dim"] % len(dx)] != sx[k]:  # slice, narrow
+        new = _fresh(g, [shape[k]], f"{node.name}.{k}")[0]
+        whole, dx[k] = (dx[k], new), new
     return Law([dx], whole=whole, linear=((x,),), view=True)
 
 def _split(g, node, a):
@@ -283,16 +277,16 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("add sub rsub", _pointwise("", "all"), "x[...] y[...] -> z[...] (broadcast)", "-", "x, y together", "-"),
     ("mul", _pointwise("inputs", "one"), "x[...] y[...] -> z[...]", "-", "x or y", "x, y"),
     ("div", _pointwise("inputs", "first"), "x[...] y[...] -> z[...]", "-", "x", "x, y"),
-    ("neg clone alias contiguous to _to_copy lift_fresh_copy dropout detach", _pointwise("", "all"),
-     "x[...] -> y[...] (dropout: p = 0)", "-", "x", "-"),
+    ("neg clone alias contiguous to _to_copy lift_fresh_copy dropout detach", _pointwise("", "all"), "x[...] -> y[...]",
+     "-", "x", "-"),
     ("silu gelu relu elu leaky_relu softplus hardtanh log sin cos erf abs pow clamp log1p square mish hardswish",
      _pointwise("inputs", ""), "x[...] -> y[...]", "-", "-", "x"),
     ("sigmoid tanh exp rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
     ("maximum minimum atan2", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-", "x, y"),
     ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
     ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
-    ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan", _pointwise("", ""),
-     "x[...] y[...] -> z[...]", "-", "-", "-"),
+    ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan", _pointwise("", ""), "x[...] -> z[...]",
+     "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
     ("amax amin var std logsumexp linalg_vector_norm prod", _reduction(False), "x[i, j] -> y[i]", "j", "-", "x, y"),
     ("linear mm addmm bmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b", "x, W"),
@@ -303,10 +297,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "s, s', d, e", "-", "q, k, v, y; logsumexp"),
     ("embedding", lambda g, node, a: Law([g.dims(a["indices"]) + [g.dims(a["weight"])[1]]], saves=(a["indices"],),
                                          whole=(g.dims(a["weight"])[0],)), "W[v, c] i[...] -> y[..., c]", "v", "-", "i"),
-    ("view reshape _unsafe_view flatten unflatten", _view, "x[(a b)] -> y[a, b]: factors regrouped",
-     "an uneven regrouping", "x", "-"),
-    ("permute transpose t numpy_T unsqueeze squeeze expand slice select narrow", _shape_op,
-     "dims moved, added, or part of one taken", "a dim sliced", "x", "-"),
+    ("view reshape _unsafe_view flatten unflatten permute transpose t numpy_T unsqueeze squeeze expand slice select narrow",
+     _shape_op, "x[(a b)] -> y[a, b]: factors regrouped, moved, added", "an uneven view; a sliced dim", "x", "-"),
     ("split split_with_sizes unbind", _split, "x[(n m)] -> n tensors y[m]", "n", "x", "-"),
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
 ]
@@ -323,14 +315,12 @@ def print_rules():
           [(", ".join(names.split()[:6]) + " ..." * (len(names.split()) > 6), *text) for names, _, *text in RULES])
     print("\nMoves: what serves a tensor placed `from` to a reader of it placed `to`; N its whole bytes.\n")
     table(["move", "from -> to", "forward", "backward", "ring bytes per rank", "in nanosp.py"],
-          [(name, fromto, " + ".join(fwd) or "-", " + ".join(bwd) or "-",
-            f"{sum(RING[o] for o in fwd + bwd)} (t-1)/t N" if fwd + bwd else "0", helper)
-           for name, (fwd, bwd, fromto, helper) in MOVES.items()])
+          [(name, fromto, " + ".join(fwd) or "-", " + ".join(bwd) or "-", f"{sum(RING[o] for o in fwd + bwd)} (t-1)/t N",
+            helper) for name, (fwd, bwd, fromto, helper) in MOVES.items()])
 
 def table(headers, rows):
-    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers))
-    for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
+    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers) + "".join(
+        "\n| " + " | ".join(str(x) for x in row) + " |" for row in rows))
 
 # ----------------------------------------------------------------------------------------------
 # the traced graph, every dimension named

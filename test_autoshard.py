@@ -129,6 +129,39 @@ class NarrowMLP(nn.Module):
         return x + self.down(F.relu(self.up(x)))
 
 
+class GroupedQuery(nn.Module):
+    """Grouped-query attention as Hugging Face's Llama writes it: fewer k, v heads, repeated by expand and reshape;
+    the attention written out, a causal mask by masked_fill, then softmax."""
+
+    def __init__(self, C, H, groups=2):
+        super().__init__()
+        self.H, self.KV, self.d = H, H // groups, C // H
+        self.norm = nn.RMSNorm(C)
+        self.q, self.o = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.k, self.v = nn.Linear(C, self.KV * self.d, bias=False), nn.Linear(C, self.KV * self.d, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(B, T, self.H, self.d).transpose(1, 2)
+        k, v = (p(h).view(B, T, self.KV, self.d).transpose(1, 2) for p in (self.k, self.v))
+        k, v = (z[:, :, None].expand(B, self.KV, self.H // self.KV, T, self.d).reshape(B, self.H, T, self.d) for z in (k, v))
+        att = (q @ k.transpose(-2, -1)) * self.d ** -0.5
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf")).softmax(-1)
+        return x + self.o((att @ v).transpose(1, 2).reshape(B, T, C))
+
+
+class MeanGate(nn.Module):
+    """x scaled by the mean of a wide hidden layer: a mean over a split index is a part of the whole mean."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.fc = nn.Linear(C, 4 * C)
+
+    def forward(self, x):
+        return x * F.gelu(self.fc(x)).mean(-1, keepdim=True)
+
+
 def gpt2_block(C, H, T):
     """Hugging Face's GPT2Block, as transformers ships it (eval(): its dropouts off)."""
     from transformers import GPT2Config
@@ -148,6 +181,8 @@ MODELS = {
     "mlp4": (lambda B, T, C, H: MLPStack(C), None),
     "narrow": (lambda B, T, C, H: NarrowMLP(C, C // 4), None),
     "gpt2": (lambda B, T, C, H: gpt2_block(C, H, T), None),
+    "gqa": (lambda B, T, C, H: GroupedQuery(C, H), None),
+    "meangate": (lambda B, T, C, H: MeanGate(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
 }
 
@@ -268,6 +303,15 @@ def test_a_narrow_mlp_beats_megatron_row_then_column(t):
         ("forward", "reduce-scatter", n, 1), ("forward", "all-gather", n, 1), ("forward", "all-gather", N, 1),
         ("backward", "all-gather", n, 1), ("backward", "reduce-scatter", n, 1), ("backward", "all-gather", N, 1))
     assert plan.bytes_sent == 3 * N * (t - 1) // t < 4 * N * (t - 1) // t
+
+
+@pytest.mark.parametrize("t", [2, 4])
+def test_grouped_query_attention_splits_by_key_value_heads(t):
+    """4 k, v heads shared by 8 query heads: every projection splits along the k, v heads (each rank holds
+    its k, v heads and the query heads that read them), Megatron's f f̄ around the attention."""
+    plan = plan_of("gqa", t=t)
+    assert [split_dim(plan, w) for w in ("q.weight", "k.weight", "v.weight", "o.weight")] == [(0, 4)] * 3 + [(1, 4)]
+    assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 1), ("backward", "all-reduce", N, 1))
 
 
 @pytest.mark.parametrize("t", TS)
@@ -483,7 +527,7 @@ def rel_err(a, b):
 @st.composite
 def cases(draw, name, constraint):
     t = draw(st.sampled_from([2, 4]))
-    H = t * draw(st.integers(1, 2))
+    H = t * draw(st.integers(1, 2)) * (2 if name == "gqa" else 1)  # gqa: the k, v heads (H / 2) split too
     C = H * draw(st.sampled_from([2, 4])) * (4 if name == "narrow" else 1)
     T = t * draw(st.integers(1, 3)) if constraint == "activations" else draw(st.integers(2, 9))
     return dict(name=name, t=t, constraint=constraint, B=draw(st.integers(1, 3)), T=T, C=C, H=H,
