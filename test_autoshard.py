@@ -1,15 +1,16 @@
 """autoshard proven on modules written the ordinary way: discover finds the plan derived by hand, and shard
 runs it equal to the unsharded module.
 
-The models are plain torch (a Llama block, a GPT-J parallel block, a stack of four linears, a narrow MLP),
-Hugging Face's GPT2Block as transformers ships it, and nanosp's own Block. The optimum of each is derived by
-hand in its test; N is the bytes of the block's activation (B T C at the inputs' element size), and a rank
-sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an all-gather or a reduce-scatter.
+The models are plain torch (a Llama block, a GPT-J parallel block, a stack of four linears, a narrow MLP,
+grouped-query attention written out, a mean over a wide layer), Hugging Face's GPT2Block as transformers ships
+it, and nanosp's own Block. The optimum of each is derived by hand in its test; N is the bytes of the block's
+activation (B T C at the inputs' element size), and a rank sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an
+all-gather or a reduce-scatter.
 
-Equivalence runs in one world of 4 gloo processes per session (test_nanosp's World): every rank discovers
-the plan on a meta-device copy, shards a real float64 module with it, and compares outputs, input gradients
-and full_grads() with the unsharded module, relative to the largest reference element (under 1e-10; what
-remains is reduction order). The collectives shard runs, logged by ledgers.collective_log, equal the plan's.
+Equivalence runs in one world of 4 gloo processes, started once for this file (test_nanosp's World): each rank
+discovers the plan on a meta-device copy, shards a real float64 module with it, and compares outputs, input
+gradients and full_grads() with the unsharded module, relative to the largest reference element (under 1e-10;
+what remains is reduction order). The collectives shard runs, logged by ledgers.collective_log, equal the plan's.
 """
 import itertools
 import math
