@@ -1,717 +1,1096 @@
-"""autoshard.py: derive tensor and sequence parallelism from the dataflow of one unsharded block.
+"""autoshard.py: discover how to shard a module written the ordinary way, then run it sharded.
 
-nanosp.py writes Megatron's f, f̄ and sequence parallelism's g, ḡ by hand. This file starts from the
-unsharded Block (group=None), searches the ways to shard it, and arrives at the same four operators
-in the same places, with the bytes and the activation memory that nanosp's own ledgers count.
+nanosp.py places Megatron-LM's f, f̄ and sequence parallelism's g, ḡ by hand. Here any unsharded module
+(nn.Linear, LayerNorm or RMSNorm, rotary embeddings, scaled_dot_product_attention or attention written out,
+SwiGLU, Hugging Face blocks, nanosp's own Block) is traced, its cheapest plan searched, and the plan run on
+t ranks with those same operators:
 
-1. trace     torch.fx turns Block.forward into a graph of tensor ops (layer_norm, linear, rearrange, bmm ...)
-2. indices   every dimension of every tensor gets a name, einsum-style: T B C, and three a d where
-             nanosp's rearrange spells out the fused q, k, v features
-3. rules     a tensor is R (replicated), S(i) (split along index i) or P (partial sums). An op split
-             along i reads the inputs that hold i as S(i) and the others whole; RULES says what each
-             op cannot split and what it keeps for backward
-4. moves     a tensor read in another placement than it has is moved by collectives, forward and
-             backward, priced under the ring algorithm; four of the moves are the paper's f, f̄, g, ḡ
-5. placing   a plan fixes the weights and the activation between blocks; a dynamic programme over the
-             graph splits every other op at least bytes (exactly, not greedily)
-6. search    every plan, ranked by bytes per layer, beside parameter and activation bytes per rank
-7. nanosp    the lines of nanosp.py that hold each placed collective; nanosp's communication ledger
+    plan = autoshard.discover(module, example_inputs, t, dims=None, constraint="weights")
+    print(plan)                                    # each weight's placement, each collective's bytes
+    sharded = autoshard.shard(module, plan, group)
+    y = sharded(*inputs); y.sum().backward(); sharded.full_grads()
 
-    python autoshard.py           # rules, moves, the search's table, the two winners against nanosp.py
+1. trace    torch.export turns the module into ATen ops; on the meta device nothing is computed
+2. indices  every dimension of every tensor is a tuple of named factors, einsum-style: B T C, and the (heads,
+            head dim) a view spells out of a projection's features
+3. rules    a tensor is R (replicated), S(i) (split along index i) or P (partial sums: the ranks' tensors add
+            up to it); RULES says what each op cannot split, what it is linear in (partial sums flow through
+            it, so branches that add up reduce once) and what it keeps for backward
+4. price    a tensor read in another placement than it has is moved by the paper's f, f̄, g, ḡ or a few other
+            moves, forward and backward, priced under the ring algorithm
+5. search   a dynamic programme over the ops in graph order: exact, linear in their number, repeated blocks
+            solved once
+6. run      shard(): the traced graph interpreted on this rank's shards, the moves in the autograd graph
+
+    python autoshard.py    # nanosp's Block: the rules, then the plans that are Megatron's and SP's
 """
 import argparse
+import contextlib
 import dataclasses
-import inspect
-import itertools
+import gc
 import math
 import operator
+import os
 import re
 import time
-from collections import namedtuple
+from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
-import torch.nn.functional as F
-from einops import rearrange
 
 import nanosp
-from ledgers import measure_activation_bytes, measure_communication, ring_bytes_sent
 
-BYTES = 2  # 16-bit activations and weights, as in the paper's accounting
-BLOCK_INPUT = ("T", "B", "C")  # nanosp lays activations out sequence first
-REGATHER = True  # nanosp's choice: a linear fed by a gather keeps only the shard, gathers it again in backward
-
+CONSTRAINTS = {"none": "any plan, replicating everything included",
+               "weights": "every weight matrix split over the t ranks, and no collective moves a weight",
+               "activations": "weights split, and every floating activation a rank keeps for backward split too"}
 
 # ----------------------------------------------------------------------------------------------
 # 1. trace
 
+def trace(module, inputs):
+    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole."""
+    try:
+        return torch.export.export(module, inputs, strict=False)
+    except Exception as e:  # export names the Python it could not trace: its first line, as one line
+        raise ValueError(f"torch.export could not trace {type(module).__name__}: {str(e).strip().splitlines()[0]}") from e
 
-def call_block(block, x):
-    """The one place that knows Block's forward signature: no dropout, nanosp's plain-PyTorch ops."""
-    return block(x, nanosp.Forward())
+def source(node):
+    """'file.py:12 `code`': the line of the module's source that made an op (in its innermost forward)."""
+    found = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.meta.get("stack_trace") or "")
+    return f"{os.path.basename(found[-1][0])}:{found[-1][1]} `{found[-1][2].strip()}`" if found else node.name
 
+def op_name(node):
+    return node.target.name().split("::")[-1].split(".")[0] if hasattr(node.target, "name") else str(node.target)
 
-class _Root(torch.nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
+def named_args(node):
+    """An op's arguments by the names of its ATen schema, defaults filled in."""
+    schema = node.target._schema.arguments
+    args = {a.name: a.default_value if a.has_default_value() else None for a in schema}
+    return args | dict(zip((a.name for a in schema), node.args)) | dict(node.kwargs)
 
-    def forward(self, x):
-        return call_block(self.block, x)
-
-
-def trace_block(cfg, device="meta"):
-    """fx graph of one unsharded nanosp Block (group=None), rearrange kept as one node. On the meta
-    device nothing is computed: shapes only, at any size."""
-    cfg = dataclasses.replace(cfg, dropout=0.0, recompute="none", sequence_parallel=False)
-    with torch.device(device):
-        root = _Root(nanosp.Block(cfg, None, layer=0))
-    gm = fx.GraphModule(root, fx.Tracer(autowrap_functions=(rearrange,)).trace(root))
-    gm.meta["root"] = root  # the GraphModule keeps the parameters, not the classes that own them
-    return gm
-
+def _nodes(value):
+    found = []
+    fx.node.map_arg(value, found.append)
+    return found
 
 # ----------------------------------------------------------------------------------------------
 # 2. indices
 
-
 class Indices:
-    """Index names. A dimension is a tuple of factors: one name, or several where a rearrange spells
-    them out, (three, a, d). Ops unify the names they share: the residual add makes c_proj's output
-    features the same index C as the block's input."""
+    """Index names, as einsum's letters. A dimension is a tuple of factors: (C,), or (heads, d) once a view
+    spells them out. Unifying two dimensions makes them one index, cutting a factor where the other has a
+    boundary: a projection's 3C features and the (3, C) of a split become one."""
 
     def __init__(self):
-        self.size, self.alias = {}, {}
+        self.size, self.alias, self.born = {}, {}, {}
 
     def new(self, name, size):
         while name in self.size:
             name += "'"
-        self.size[name] = size
-        return (name,)
+        self.size[name], self.born[name] = size, len(self.born)
+        return name
 
     def expand(self, dim):
         return tuple(g for f in dim for g in (self.expand(self.alias[f]) if f in self.alias else (f,)))
 
+    def cut(self, f, n):
+        """Factor f becomes (f/n, f%m): its outer n and the inner rest m."""
+        self.alias[f] = (self.new(f"{f}/{n}", n), self.new(f"{f}%{self.size[f] // n}", self.size[f] // n))
+        return self.alias[f]
+
     def unify(self, a, b, where):
-        a, b = self.expand(a), self.expand(b)
-        if a == b:
-            return
-        order = list(self.size)
-        if len(a) > 1 or (len(b) == 1 and order.index(b[0]) > order.index(a[0])):
-            a, b = b, a  # a: the single, newer name, which becomes b
-        if len(a) > 1 or self.size[a[0]] != math.prod(self.size[f] for f in b):
-            raise ValueError(f"{where}: dimensions {a} and {b} cannot be the same index")
-        self.alias[a[0]] = b
+        a, b = list(self.expand(a)), list(self.expand(b))
+        if math.prod(map(self.size.get, a)) != math.prod(map(self.size.get, b)):
+            raise ValueError(f"{where}: dimensions {a} and {b} differ in size")
+        while a and b:
+            a[:1], b[:1] = self.expand(a[:1]), self.expand(b[:1])  # an earlier step may have cut them
+            a, b = (b, a) if self.size[a[0]] < self.size[b[0]] else (a, b)
+            if self.size[a[0]] % self.size[b[0]]:
+                raise ValueError(f"{where}: dimensions of {a[0]} and {b[0]} cannot be one index")
+            if self.size[a[0]] > self.size[b[0]]:
+                a[:1] = self.cut(a[0], self.size[b[0]])
+            if a[0] != b[0]:
+                old, new = sorted((a[0], b[0]), key=self.born.get)
+                self.alias[new] = (old,)
+            del a[0], b[0]
 
+    def regroup(self, dims, shape):
+        """dims' factors in order grouped into the dimensions of `shape` (a view), cutting a factor a new boundary
+        falls inside; None if the boundaries do not align (an uneven reshape)."""
+        queue, out = [f for d in dims for f in self.expand(d)], []
+        for n in shape:
+            out.append([])
+            while n > 1:
+                if not queue or (n % self.size[queue[0]] and self.size[queue[0]] % n):
+                    return None
+                if n % self.size[queue[0]]:
+                    queue[:1] = self.cut(queue[0], n)
+                out[-1].append(queue.pop(0))
+                n //= self.size[out[-1][-1]]
+        return [tuple(d) for d in out]
 
 # ----------------------------------------------------------------------------------------------
-# 3. rules: each op read as an einsum; each returns (inputs, output dims, dims it needs whole, saves)
-#
-# saves: ("in", name) an input, ("out",) the output, ("new", dims) a tensor made inside the op.
+# 3. rules: each op read as an einsum
 
+class Law(NamedTuple):
+    """What a rule says of one op, in its indices (while tracing, its inputs are nodes)."""
+    outputs: list           # the dims of each output
+    whole: tuple = ()       # dims it cannot split (a norm's, a softmax's, a slice's)
+    summed: tuple = ()      # dims it sums over: split along one, its output is a partial sum P
+    linear: tuple = ()      # groups of inputs it is linear in together: read as P, its output is P
+    affine: tuple = ()      # inputs added to a sum (a bias): read as P when the output is P
+    saves: tuple = ()       # inputs it keeps for backward; "out": its output
+    new: tuple = ()         # dims of tensors it makes and keeps (a norm's statistics)
+    view: bool = False      # elementwise or a view: keeps its inputs' placement when it can
 
-def _name(df, node, dims):
-    """node's dims, naming them `dims` if nothing did yet (a parameter at its first use)."""
-    df.dims.setdefault(node.name, list(dims))
-    for mine, theirs in zip(df.dims[node.name], dims):
-        df.idx.unify(mine, theirs, node.name)
-    return df.dims[node.name]
+def _fresh(g, shape, stem):
+    return [(g.idx.new(f"{stem}:{k}", n),) if n > 1 else () for k, n in enumerate(shape)]
 
+def _align(g, node, out, xs, cut=0):
+    """Fill and unify out's dims with those of tensors xs (less their last `cut`), aligned from the right as
+    broadcasting aligns them; a size-1 dim joins nothing."""
+    for x in xs:
+        for k, (n, d) in enumerate(zip(g.shape(x)[:len(g.shape(x)) - cut][::-1], g.dims(x)[:len(g.dims(x)) - cut][::-1]), 1):
+            if n > 1 and out[-k]:
+                g.idx.unify(out[-k], d, source(node))
+            elif n > 1:
+                out[-k] = d
+    return out
 
-def _elementwise(df, node, saves=()):
-    """Broadcasting: dims aligned from the right; a size-1 dim is a new index of its own."""
-    tensors = [a for a in node.args if isinstance(a, fx.Node) and torch.is_tensor(df.values[a.name])]
-    shape = df.values[node.name].shape
-    out = [None] * len(shape)
-    for a in sorted(tensors, key=lambda a: a.name not in df.dims):  # named inputs first, then parameters
-        mine, n = df.values[a.name].shape, len(df.values[a.name].shape)
-        dims = [out[k - n] or df.idx.new(f"{node.name}.{k}", mine[k]) if mine[k] == shape[k - n]
-                else df.idx.new("1", 1) for k in range(n)]
-        for k, d in enumerate(_name(df, a, dims)):
-            out[k - n] = d if mine[k] == shape[k - n] else out[k - n]
-    return tensors, out, [], saves
+def _gone(dim, n):
+    return range(n) if dim in (None, []) else {d % n for d in ([dim] if isinstance(dim, int) else dim)}
 
+def _pointwise(saves, linear):
+    """An elementwise op. saves: "inputs", "out", "first"/"second" (a mask) or "". linear: "all" (its tensors
+    together, not with a number added), "one" (any one), "first", "rest", "fill0" or ""."""
+    def rule(g, node, a):
+        xs = [x for v in a.values() for x in _nodes(v)]
+        number = any(isinstance(v, (int, float)) and v and k in ("self", "other") for k, v in a.items())
+        groups = {"all": [xs] * (not number), "one": [[x] for x in xs] * (len(set(xs)) == len(xs)),
+                  "first": [xs[:1]], "rest": [xs[1:]] * (len(xs) == 3), "fill0": [xs[:1]] * (a.get("value") == 0)}
+        kept = {"inputs": xs, "out": ["out"], "first": xs[:1], "second": xs[1:2]}.get(saves, [])
+        return Law([_align(g, node, [()] * len(g.shape(node)), xs)], linear=tuple(map(tuple, groups.get(linear, []))),
+                   saves=tuple(kept), view=True)
+    return rule
 
-def _layer_norm(df, node):
-    x, k = node.args[0], len(node.args[1])
-    dims = df.dims[x.name]
-    params = [p for p in (node.kwargs.get("weight"), node.kwargs.get("bias")) if p is not None]
-    for p in params:
-        _name(df, p, dims[-k:])
-    return [x, *params], dims, dims[-k:], [("in", x.name), ("new", dims[:-k]), ("new", dims[:-k])]
+def _reduction(linear):
+    """sum, mean: linear, and a split along a summed index gives P; the others cannot split it."""
+    def rule(g, node, a):
+        dx, gone = g.dims(a["self"]), _gone(a.get("dim"), len(g.shape(a["self"])))
+        out, summed = [() if k in gone else d for k, d in enumerate(dx) if a.get("keepdim") or k not in gone], [dx[k] for k in gone]
+        return Law([out], summed=summed, linear=((a["self"],),)) if linear else Law([out], whole=summed, saves=(a["self"], "out"))
+    return rule
 
+def _contraction(g, node, a):
+    """linear, mm, addmm, bmm, matmul: x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias."""
+    name = op_name(node)
+    x, w = {"linear": ("input", "weight"), "addmm": ("mat1", "mat2"), "matmul": ("self", "other")}.get(name, ("self", "mat2"))
+    x, w, bias = a[x], a[w], a["bias"] if name == "linear" else a["self"] if name == "addmm" else None
+    dx, dw = g.dims(x), g.dims(w)[::-1] if name == "linear" else g.dims(w)
+    if len(dx) < 2:
+        raise ValueError(f"no sharding rule for {name} of a 1-D input ({source(node)})")
+    g.idx.unify(dx[-1], dw[-2] if len(dw) > 1 else dw[0], source(node))
+    out = _align(g, node, [()] * (len(g.shape(node)) - 1 - (len(dw) > 1)), [x, w], cut=2) + [dx[-2]] + dw[-1:] * (len(dw) > 1)
+    _align(g, node, out, [bias] if bias is not None else [])
+    return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
-def _linear(df, node):
-    x, w, bias = (list(node.args) + [node.kwargs.get("bias")])[:3]
-    dims = df.dims[x.name]
-    fresh = df.idx.new(df.params.get(w.name, w.name).removesuffix(".weight"), df.values[w.name].shape[0])
-    out = _name(df, w, [fresh, dims[-1]])[0]
-    if bias is not None:
-        _name(df, bias, [out])
-    return [a for a in (x, w, bias) if a is not None], dims[:-1] + [out], [], [("in", x.name)]
+def _norm(g, node, a):
+    """layer_norm, rms_norm: the normalised dims whole; keeps x and each row's statistics."""
+    x, k = a["input"], len(a["normalized_shape"])
+    dx = g.dims(x)
+    _align(g, node, dx[-k:], [p for p in (a.get("weight"), a.get("bias")) if p is not None])
+    return Law([dx], whole=tuple(dx[-k:]), saves=(x,), new=(dx[:-k],) * (2 if op_name(node) == "layer_norm" else 1))
 
+def _attention(g, node, a):
+    """scaled_dot_product_attention: q[.., h, s, d] k[.., h', s', d] v[.., h', s', e]; with fewer k, v heads
+    (enable_gqa) q's heads are (h', group). Heads and batch split; s, s', d, e whole."""
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    if a["dropout_p"]:
+        raise ValueError(f"scaled_dot_product_attention with dropout_p={a['dropout_p']} ({source(node)}): a sharded "
+                         f"run would draw other masks; trace the module in eval() or with dropout 0")
+    dq, dk, dv, group = g.dims(q), g.dims(k), g.dims(v), g.shape(q)[-3] // g.shape(k)[-3]
+    for x, y in ((dq[-3], dk[-3] + ((g.idx.new("group", group),) if group > 1 else ())), (dk[-3], dv[-3]),
+                 (dq[-1], dk[-1]), (dk[-2], dv[-2])):
+        g.idx.unify(x, y, source(node))
+    batch = _align(g, node, [()] * (len(dq) - 3), [q, k, v], cut=3)
+    _align(g, node, batch + [dq[-3], dq[-2], dk[-2]], [mask] if mask is not None else [])
+    return Law([batch + [dq[-3], dq[-2], dv[-1]]], whole=(dq[-2], dk[-2], dq[-1], dv[-1]), saves=(q, k, v, "out"),
+               new=(batch + [dq[-3], dq[-2]],))
 
-def _bmm(df, node):
-    a, b = node.args
-    (n, i, k), (n2, k2, j) = df.dims[a.name], df.dims[b.name]
-    df.idx.unify(n, n2, node.name)
-    df.idx.unify(k, k2, node.name)
-    return [a, b], [n, i, j], [], [("in", a.name), ("in", b.name)]
+def _shape_op(g, node, a):
+    """view, reshape, flatten: factors regrouped (an uneven regrouping cannot split what it touches); permute,
+    transpose, unsqueeze, squeeze, expand: dims moved or added; slice, select: part of a dim taken, whole."""
+    name, x = op_name(node), a["self"]
+    dx, sx, shape, whole = list(g.dims(x)), g.shape(x), g.shape(node), ()
+    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
+        out = g.idx.regroup(dx, shape)
+        if out is None:
+            out = _fresh(g, shape, node.name)
+            return Law([out], whole=tuple(dx + out), view=True)
+        dx = out
+    elif name in ("permute", "numpy_T"):
+        dx = [dx[d] for d in a.get("dims", range(len(dx))[::-1])]
+    elif name in ("transpose", "t"):
+        i, j = (a["dim0"], a["dim1"]) if name == "transpose" else (0, -1)
+        dx[i], dx[j] = dx[j], dx[i]
+    elif name == "unsqueeze":
+        dx.insert(a["dim"] % (len(dx) + 1), ())
+    elif name == "squeeze":
+        dx = [d for k, d in enumerate(dx) if not (k in _gone(a.get("dim"), len(sx)) and sx[k] == 1)]
+    elif name == "expand":  # a size-1 dim grown to n is a new index
+        sx, dx = (1,) * (len(shape) - len(sx)) + sx, [()] * (len(shape) - len(dx)) + dx
+        dx = [d if m == n else _fresh(g, [n], f"{node.name}.{k}")[0] for k, (d, m, n) in enumerate(zip(dx, sx, shape))]
+    elif name == "select":
+        k = a["dim"] % len(dx)
+        whole, dx = (dx[k],), dx[:k] + dx[k + 1:]
+    elif shape[k := a["dim"] % len(dx)] != sx[k]:  # slice, narrow
+        new = _fresh(g, [shape[k]], f"{node.name}.{k}")[0]
+        whole, dx[k] = (dx[k], new), new
+    return Law([dx], whole=whole, linear=((x,),), view=True)
 
+def _split(g, node, a):
+    """split, unbind: equal parts of a dim that becomes (parts, rest), the parts whole; unequal parts whole."""
+    x, shapes, name = a["self"], g.shapes(node), op_name(node)
+    dx, k = g.dims(x), a.get("dim", 0) % len(g.shape(x))
+    if name == "unbind":
+        return Law([dx[:k] + dx[k + 1:]] * len(shapes), whole=(dx[k],), linear=((x,),), view=True)
+    if len(shapes) > 1 and len({s[k] for s in shapes}) == 1:
+        parts = (g.idx.new(f"{node.name}:parts", len(shapes)),) + tuple(_fresh(g, [shapes[0][k]], node.name)[0])
+        g.idx.unify(dx[k], parts, source(node))
+        return Law([dx[:k] + [parts[1:]] + dx[k + 1:]] * len(shapes), whole=(parts[:1],), linear=((x,),), view=True)
+    outs = [dx[:k] + _fresh(g, [s[k]], f"{node.name}.{i}") + dx[k + 1:] for i, s in enumerate(shapes)]
+    return Law(outs, whole=(dx[k],) + tuple(o[k] for o in outs), linear=((x,),), view=True)
 
-def _rearrange(df, node):
-    """The pattern names the indices: a dimension it splits into factors for the first time gets
-    them as new indices, their sizes from the pattern's keywords."""
-    x, pattern = node.args
-    sizes = {k: df.values[v.name] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
-    lhs, rhs = ([g.split() if g else [n] for g, n in re.findall(r"\(([^)]*)\)|(\S+)", side)]
-                for side in pattern.split("->"))
-    names = {}
-    for group, dim, size in zip(lhs, df.dims[x.name], df.values[x.name].shape, strict=True):
-        factors = df.idx.expand(dim)
-        if len(group) != len(factors):
-            known = math.prod(sizes[n] for n in group if n in sizes)
-            factors = tuple(df.idx.new(n, sizes.get(n, size // known))[0] for n in group)
-            df.idx.unify(dim, factors, node.name)
-        names.update(zip(group, factors))
-    return [x], [tuple(names[n] for n in group) for group in rhs], [], []
+def _cat(g, node, a):
+    """cat, stack: the other dims shared; the joined (or new) dim whole."""
+    xs, shape, stack = a["tensors"], g.shape(node), op_name(node) == "stack"
+    k, out = a["dim"] % len(shape), [()] * len(shape)
+    for x in xs:
+        for i, d in enumerate(g.dims(x)[:k] + [()] + g.dims(x)[k:] if stack else g.dims(x)):
+            if i != k and shape[i] > 1:
+                out[i] = out[i] or d
+                g.idx.unify(out[i], d, source(node))
+    out[k] = _fresh(g, [shape[k]], f"{node.name}.{k}")[0]
+    return Law([out], whole=tuple(g.dims(x)[k] for x in xs if not stack) + (out[k],), linear=(tuple(xs),), view=True)
 
-
-def _getitem(df, node):
-    x, index = node.args
-    if not isinstance(index, int):
-        raise ValueError(f"no sharding rule for indexing {node.name} with {index!r}: only an int has one")
-    return [x], df.dims[x.name][1:], df.dims[x.name][:1], []
-
-
-def _transpose(df, node):
-    x, i, j = node.args
-    dims = list(df.dims[x.name])
-    dims[i], dims[j] = dims[j], dims[i]
-    return [x], dims, [], []
-
-
-def _softmax(df, node):
-    x, dim = node.args[0], node.kwargs.get("dim", node.args[-1])
-    return [x], df.dims[x.name], [df.dims[x.name][dim]], [("out",)]
-
-
-def _triu(df, node):
-    inputs, out, _, _ = _elementwise(df, node)
-    return inputs, out, out[-2:], []
-
-
-def _full(df, node):  # no input: each rank makes the part it needs
-    return [], [df.size_of[n.name] if isinstance(n, fx.Node) else df.idx.new("n", n) for n in node.args[0]], [], []
-
-
-RULES = [  # targets, rule, the index law, what it cannot split, what it keeps for backward
-    ((F.layer_norm,), _layer_norm, "x[..., c] w[c] b[c] -> y[..., c]", "c (normalised)", "x; mean, 1/std per row"),
-    ((F.linear,), _linear, "x[..., i] W[o, i] b[o] -> y[..., o]", "-", "x"),
-    ((torch.bmm,), _bmm, "x[n, i, k] y[n, k, j] -> z[n, i, j]", "-", "x, y"),
-    ((F.softmax,), _softmax, "x[..., j] -> y[..., j]", "j (normalised)", "y"),
-    ((F.gelu,), lambda df, n: _elementwise(df, n, [("in", n.args[0].name)]), "x[...] -> y[...]", "-", "x"),
-    ((operator.add, torch.add, operator.sub, operator.mul, operator.truediv), _elementwise,
-     "x[...] y[...] -> z[...], broadcast", "-", "- (mul of two tensors: none here)"),
-    ((rearrange,), _rearrange, "its pattern: T B (three a d) -> three (a B) T d", "-", "-"),
-    ((operator.getitem,), _getitem, "x[k, ...] at an int -> y[...]", "k", "-"),
-    (("transpose",), _transpose, "x[.., i, .., j] -> y[.., j, .., i]", "-", "-"),
-    (("triu",), _triu, "x[..., i, j] -> y[..., i, j]", "i, j (by position)", "-"),
-    ((torch.full,), _full, "sizes of x's dims -> y[...], made on each rank", "-", "-"),
+RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), keeps for backward
+    ("add sub rsub", _pointwise("", "all"), "x[...] y[...] -> z[...] (broadcast)", "-", "x, y together", "-"),
+    ("mul", _pointwise("inputs", "one"), "x[...] y[...] -> z[...]", "-", "x or y", "x, y"),
+    ("div", _pointwise("inputs", "first"), "x[...] y[...] -> z[...]", "-", "x", "x, y"),
+    ("neg clone alias contiguous to _to_copy lift_fresh_copy dropout detach", _pointwise("", "all"), "x[...] -> y[...]",
+     "-", "x", "-"),
+    ("silu gelu relu elu leaky_relu softplus hardtanh log sin cos erf abs pow clamp log1p square mish hardswish",
+     _pointwise("inputs", ""), "x[...] -> y[...]", "-", "-", "x"),
+    ("sigmoid tanh exp rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
+    ("maximum minimum atan2", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-", "x, y"),
+    ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
+    ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
+    ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan", _pointwise("", ""), "x[...] -> z[...]",
+     "-", "-", "-"),
+    ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
+    ("amax amin var std logsumexp linalg_vector_norm prod", _reduction(False), "x[i, j] -> y[i]", "j", "-", "x, y"),
+    ("linear mm addmm bmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b", "x, W"),
+    ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
+    ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
+                                                            saves=("out",)), "x[..., j] -> y[..., j]", "j", "-", "y"),
+    ("scaled_dot_product_attention", _attention, "q[.., h, s, d] k[.., h, s', d] v[.., h, s', e] -> y[.., h, s, e]",
+     "s, s', d, e", "-", "q, k, v, y; logsumexp"),
+    ("embedding", lambda g, node, a: Law([g.dims(a["indices"]) + [g.dims(a["weight"])[1]]], saves=(a["indices"],),
+                                         whole=(g.dims(a["weight"])[0],)), "W[v, c] i[...] -> y[..., c]", "v", "-", "i"),
+    ("view reshape _unsafe_view flatten unflatten permute transpose t numpy_T unsqueeze squeeze expand slice select narrow",
+     _shape_op, "x[(a b)] -> y[a, b]: factors regrouped, moved, added", "an uneven view; a sliced dim", "x", "-"),
+    ("split split_with_sizes unbind", _split, "x[(n m)] -> n tensors y[m]", "n", "x", "-"),
+    ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
 ]
-SIZES = (operator.mul, operator.truediv, operator.floordiv, operator.add, operator.sub, math.sqrt)
-Op = namedtuple("Op", "name kind inputs whole saves module")
-
-
-def _op_name(target):
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-class Dataflow:
-    """A traced module run on meta tensors, every tensor's dims named, every op read by its rule.
-    Nothing is skipped: a node that touches tensors without a rule is a ValueError that names it."""
-
-    def __init__(self, gm, shape):
-        self.gm, self.idx, self.dims, self.size_of, self.shape_of = gm, Indices(), {}, {}, {}
-        self.ops, self.params, self.values, self.module, self.no_data = [], {}, {}, {}, []
-        device = next(gm.parameters(), torch.empty(0, device="meta")).device
-
-        class Read(fx.Interpreter):
-            def run_node(run, node):
-                value = super().run_node(node)
-                self._read(node, value)
-                return value
-
-        Read(gm).run(torch.empty(shape, device=device, requires_grad=True))
-        self.dims = {v: [self.idx.expand(d) for d in dims] for v, dims in self.dims.items()}
-        self.factors = {v: {f for d in dims for f in d} for v, dims in self.dims.items()}
-        self.ops = [op._replace(whole={f for d in op.whole for f in self.idx.expand(d)}) for op in self.ops]
-        self.last_read = {v: k for k, op in enumerate(self.ops) for v in op.inputs} | {self.output: len(self.ops)}
-        born = {v: k for k, op in reversed(list(enumerate(self.ops))) for v in [op.name, *op.inputs]}
-        # live[k]: the tensors made or read before op k that are read again from op k on
-        self.live = [[v for v in self.last_read if born[v] < k <= self.last_read[v]] for k in range(len(self.ops) + 1)]
-        tensors = {v: t for v, t in self.values.items() if torch.is_tensor(t)}
-        self.numel = {v: t.numel() for v, t in tensors.items()}
-        self.needs_grad = {v: t.requires_grad for v, t in tensors.items()}
-        bases = {v: t if t._base is None else t._base for v, t in tensors.items()}
-        self.storage = {v: (id(base), base.numel() * BYTES) for v, base in bases.items()}  # views share one
-        self.weights = [op.inputs[1] for op in self.ops if op.kind == "linear" and op.inputs[1] in self.params]
-        self.memo = {}
-
-    @classmethod
-    def of_block(cls, cfg, seq, batch):
-        return cls(trace_block(cfg), (seq, batch, cfg.n_embd))
-
-    def _read(self, node, value):
-        self.values[node.name] = value
-        if node.op == "placeholder":
-            self.x = node.name
-            self.dims[node.name] = [self.idx.new(n, s) for n, s in zip(BLOCK_INPUT, value.shape, strict=True)]
-        elif node.op == "output":
-            self.output = node.args[0].name
-        elif node.op == "get_attr":
-            self.params[node.name] = node.target.removeprefix("block.")
-            self.module[node.name] = self.params[node.name].rpartition(".")[0]
-        elif not torch.is_tensor(value):  # sizes, devices, dtypes: no data to split
-            self.no_data.append(node.name)
-            if node.target is getattr and node.args[1] in ("shape", "device", "dtype"):
-                self.shape_of[node.name] = node.args[0].name
-            elif node.target is operator.getitem and node.args[0].name in self.shape_of:
-                self.size_of[node.name] = self.dims[self.shape_of[node.args[0].name]][node.args[1]]
-            elif node.target not in SIZES or any(torch.is_tensor(self.values[a.name]) for a in node.all_input_nodes):
-                raise ValueError(f"no sharding rule for {_op_name(node.target)} (node {node.name})")
-        else:
-            rule = next((r for targets, r, *_ in RULES if node.target in targets and node.op != "call_module"), None)
-            if rule is None:
-                name = type(self.gm.get_submodule(node.target)).__name__ if node.op == "call_module" else \
-                    _op_name(node.target)
-                known = ", ".join(_op_name(t) for targets, *_ in RULES for t in targets)
-                raise ValueError(f"no sharding rule for {name} (node {node.name}); autoshard has rules for {known}")
-            inputs, self.dims[node.name], whole, saves = rule(self, node)
-            stack = list(node.meta.get("nn_module_stack", {}).values())
-            self.module[node.name] = stack[-1][0].partition("block.")[2] if stack else ""
-            self.ops.append(Op(node.name, _op_name(node.target), [a.name for a in inputs], whole, saves,
-                               self.module[node.name]))
-
-    def options(self, op, t):
-        """The indices op can be split along at size t, and None (not split): divisible by t, not
-        needed whole, and in no operand twice (scores[n, T, T] cannot be split along T)."""
-        if (op.name, t) not in self.memo:
-            counts = [[f for d in self.dims[v] for f in d] for v in op.inputs + [op.name]]
-            found = sorted({f for c in counts for f in c}, key=list(self.idx.size).index)
-            self.memo[op.name, t] = [None] + [f for f in found if self.idx.size[f] % t == 0 and f not in op.whole
-                                              and all(c.count(f) <= 1 for c in counts)]
-        return self.memo[op.name, t]
-
-
-def cached(fn):
-    """fn(df, *key) computed once per Dataflow: the search asks the same questions many times."""
-    def once(df, *key):
-        if (fn, key) not in df.memo:
-            df.memo[fn, key] = fn(df, *key)
-        return df.memo[fn, key]
-    return once
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. moves: a tensor placed `src` read placed `dst`; its gradient comes back the other way
-#
-# N is the whole tensor's bytes. Under the ring algorithm a rank sends 2(t-1)/t N for an all-reduce,
-# (t-1)/t N for an all-gather or a reduce-scatter (Korthikanti et al. 2022, section 4.2.2).
-
-
-def move(src, dst):
-    """The collectives that turn a tensor placed src into one placed dst."""
-    if src == dst or src == "R":
-        return ()  # R -> S(i): each rank keeps its slice
-    if src == "P":
-        return ("all-reduce",) if dst == "R" else ("reduce-scatter",)
-    return ("all-gather",)  # S(i) -> R; S(i) -> S(j) gathers, then slices
-
-
-def gradient_placement(p):
-    """A tensor's gradient is placed like it, except that a partial sum's gradient is whole."""
-    return p if p[0] == "S" else "R"
-
-
-PAPER = {((), ("all-reduce",)): "f", (("all-reduce",), ()): "f̄", (("all-gather",), ("reduce-scatter",)): "g",
-         (("reduce-scatter",), ("all-gather",)): "ḡ", ((), ("all-gather",)): "split",
-         (("all-gather",), ()): "gather", (("all-gather",), ("all-gather",)): "reshard"}
-Collective = namedtuple("Collective", "name value src dst forward backward nbytes module")
-
-
-def ring_units(c):
-    """Collective c's bytes, forward and backward, in units of (t-1)/t: an integer, so equal plans tie."""
-    return sum(2 if op == "all-reduce" else 1 for op in c.forward + c.backward) * c.nbytes
-
-
-@cached
-def collectives(df, v, p, reads):
-    """What serves every read of tensor v placed p: forward, p into each placement it is read in (one
-    gather serves all its readers); backward, their summed gradient into p's gradient placement."""
-    by_dst = {}
-    for q, grad, regather, module in reads:
-        g0, n, first = by_dst.get(q, (grad, 0, module))
-        by_dst[q] = ("P" if "P" in (g0, grad) else grad, n + regather, first)  # R + P sum to P, locally
-    found = []
-    for q, (grad, regathers, module) in by_dst.items():
-        forward = move(p, q)
-        backward = move(grad, gradient_placement(p)) if df.needs_grad[v] else ()
-        if forward or backward:
-            where = df.module[v] if v in df.params or p == "P" else module  # P leaves the op that made it
-            name = PAPER.get((forward, backward), f"{'+'.join(forward) or '-'} / {'+'.join(backward) or '-'}")
-            split = next((x[2:-1] for x in (q, p) if x[0] == "S"), BLOCK_INPUT[0])
-            name += f"({split})" * (name in ("g", "ḡ") and split != BLOCK_INPUT[0])  # the paper's are along T
-            found.append(Collective(name, v, p, q, forward,
-                                    backward + ("all-gather",) * regathers, df.numel[v] * BYTES, where))
-    return found
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. placing: every op's split under a plan, at least bytes
-
-
-@cached
-def _step(df, k, s, entries):
-    """Op k split along s (None: not split), given the (placement, reads so far) of each input.
-    Returns the inputs' new entries (None after their last read), the output's placement, the
-    collectives of the inputs read for the last time, their ring units, and what the op keeps for
-    backward as (storage, placement, whole bytes)."""
-    op, new, done, kept = df.ops[k], [], [], []
-    for v, (p, reads) in zip(op.inputs, entries):
-        q = f"S({s})" if s in df.factors[v] else "R"
-        regather = REGATHER and op.kind == "linear" and v == op.inputs[0] and p[0] == "S" and q == "R"
-        reads += ((q, q if q != "R" else "P" if s else "R", regather, op.module),)  # read whole by a split op: P
-        if ("in", v) in op.saves:  # the version it reads, or under REGATHER the shard it was gathered from
-            kept.append(((df.storage[v], p), p, df.storage[v][1]) if regather or q == p
-                        else ((v, q), q, df.numel[v] * BYTES))
-        done += collectives(df, v, p, reads) if df.last_read[v] == k else []
-        new.append(None if df.last_read[v] == k else (p, reads))
-    out = "R" if s is None else f"S({s})" if s in df.factors[op.name] else "P"  # P: s was summed over
-    for i, (what, *dims) in enumerate(op.saves):
-        if what == "out":
-            kept.append(((df.storage[op.name], out), out, df.storage[op.name][1]))
-        elif what == "new":  # made inside the op (LayerNorm's statistics), split with it if it can be
-            factors = [f for d in dims[0] for f in df.idx.expand(d)]
-            kept.append(((op.name, i), f"S({s})" if s in factors else "R",
-                         math.prod(df.idx.size[f] for f in factors) * BYTES))
-    return tuple(new), out, done, sum(map(ring_units, done)), kept
-
-
-def _walk(df, plan, k, s, live):
-    """Op k split along s applied to `live`, {tensor: (placement, reads)} of df.live[k] (a leaf read for
-    the first time is placed by the plan). Returns the state after it: entries in df.live[k + 1]'s order."""
-    live, op = dict(live), df.ops[k]
-    new, out, done, cost, kept = _step(df, k, s, tuple(live.pop(v, None) or (plan[v], ()) for v in op.inputs))
-    live.update((v, entry) for v, entry in zip(op.inputs, new) if entry)
-    live[op.name] = (out, ())
-    return tuple(live[v] for v in df.live[k + 1]), done, cost, kept
-
-
-def _choices(df, plan, t, k, live, weights_stay):
-    """The splits op k may take. With weights_stay, a split weight is read only in its own split (never
-    gathered whole). A view (getitem, transpose, rearrange) moves no data and keeps none: it keeps its
-    input's split (or none, if that index is gone) and leaves any move to its readers, where it costs
-    the same bytes or fewer. That keeps the search small."""
-    op, options = df.ops[k], df.options(df.ops[k], t)
-    if weights_stay:
-        splits = {plan[v][2:-1] for v in op.inputs if v in df.params and plan[v] != "R"}
-        options = [s for s in options if splits <= {s}]
-    if op.kind not in ("getitem", "transpose", "rearrange"):
-        return options
-    p = (live.get(op.inputs[0]) or (plan[op.inputs[0]],))[0]
-    return options if p == "P" else [p[2:-1] if p != "R" and p[2:-1] in options else None]
-
-
-def _finish(df, plan, state):
-    """The next block reads this block's output placed as the plan places the block's input."""
-    p, reads = dict(zip(df.live[-1], state))[df.output]
-    b = plan[df.x]
-    return collectives(df, df.output, p, reads + ((b, gradient_placement(b), False, "next block"),))
-
-
-def place(df, plan, t, constraint="none"):
-    """Every op's split under `plan` (the placement of the block's input and of every parameter) at
-    least ring bytes: a dynamic programme over the ops in graph order whose state is what `_walk`
-    keeps, so it is exact, not greedy. Ties go to fewer activation bytes kept (counted op by op).
-    Returns {op: split}, or None when no split meets the constraint (CONSTRAINTS)."""
-    states = {(): (0, 0, ())}  # state -> (ring units, activation bytes kept x t, splits so far)
-    for k, op in enumerate(df.ops):
-        following = {}
-        for state, (cost, memory, splits) in states.items():
-            live = dict(zip(df.live[k], state))
-            for s in _choices(df, plan, t, k, live, constraint != "none"):
-                key, _, c, kept = _walk(df, plan, k, s, live)
-                if constraint == "activations sharded too" and any(p[0] != "S" for _, p, _ in kept):
-                    continue
-                score = (cost + c, memory + sum(b if p[0] == "S" else b * t for _, p, b in kept))
-                if key not in following or score < following[key][:2]:
-                    following[key] = (*score, splits + (s,))
-        states = following
-    finals = [(cost + sum(map(ring_units, _finish(df, plan, state))), memory, splits)
-              for state, (cost, memory, splits) in states.items()]
-    return dict(zip((op.name for op in df.ops), min(finals, key=lambda f: f[:2])[2])) if finals else None
-
-
-Placed = namedtuple("Placed", "plan splits placements collectives bytes param_bytes activation_bytes")
-
-
-def account(df, plan, splits, t):
-    """A placed plan: its collectives in graph order, the bytes one rank sends per layer (forward and
-    backward, ring), and per rank the parameter bytes and the activation bytes kept for backward
-    (each storage once, as nanosp's activation ledger counts them)."""
-    state, found, kept, placements = (), [], {}, dict(plan)
-    for k, op in enumerate(df.ops):
-        state, done, _, saved = _walk(df, plan, k, splits[op.name], dict(zip(df.live[k], state)))
-        placements[op.name] = dict(zip(df.live[k + 1], state))[op.name][0]
-        found += done
-        kept.update({key: nbytes / t if p[0] == "S" else nbytes for key, p, nbytes in saved})
-    found += _finish(df, plan, state)
-    params = sum(df.numel[v] * BYTES / (t if plan[v][0] == "S" else 1) for v in df.params)
-    return Placed(plan, splits, placements, found, sum(map(ring_units, found)) * (t - 1) / t, params,
-                  sum(kept.values()))
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. search: every plan, ranked
-
-CONSTRAINTS = {
-    "none": "every plan",
-    "weights sharded": "every weight split and never gathered whole, so the model fits",
-    "activations sharded too": "and every tensor kept for backward split (Table 2's replicated terms)",
-}
-
-
-def plan_choices(df, t):
-    """Each linear weight W[o, i]: replicated, column-parallel (split along an index of its output
-    features o) or row-parallel (of its inputs i); the activation between blocks: replicated, or
-    split along the sequence."""
-    choices = {df.x: ["R"] + ["S(T)"] * (df.idx.size["T"] % t == 0)}
-    for w in df.weights:
-        choices[w] = ["R"] + [f"S({f})" for d in df.dims[w] for f in d if df.idx.size[f] % t == 0]
-    return choices
-
-
-def complete(df, choice):
-    """A placement for every leaf: a bias takes its weight's split if it holds that index (column-
-    parallel), otherwise it is replicated, as are the LayerNorm parameters."""
-    plan = {v: "R" for v in df.params} | choice
-    for w, v in itertools.product(df.weights, df.params):
-        if df.module[v] == df.module[w] and v != w and choice[w][2:-1] in df.factors[v]:
-            plan[v] = choice[w]
-    return plan
-
-
-def label(df, plan, v):
-    """How a plan places weight or input v, in Megatron's words: column(a), split along the index a
-    of its output features (the index is named when the features have several)."""
-    p, f = plan[v], plan[v][2:-1]
-    if p == "R" or v == df.x:
-        return {"R": "replicated", "S(T)": "sequence"}.get(p, p)
-    out, inp = df.dims[v]
-    return "column" + f"({f})" * (len(out) > 1) if f in out else "row" + f"({f})" * (len(inp) > 1)
-
-
-class Search:
-    """Every plan for one nanosp block at tensor-parallel size t, placed and ranked."""
-
-    def __init__(self, cfg, seq, batch, t):
-        if not (isinstance(t, int) and t >= 1):
-            raise ValueError(f"the tensor-parallel size t={t!r} must be a positive int")
-        cfg.check_tensor_parallel(t)
-        start, cpu = time.perf_counter(), time.process_time()
-        self.cfg, self.t, self.shape = cfg, t, (seq, batch, cfg.n_embd, cfg.n_head)
-        self.df = Dataflow.of_block(cfg, seq, batch)
-        self.choices = plan_choices(self.df, t)
-        self.placed = {name: [] for name in CONSTRAINTS}
-        for combo in itertools.product(*self.choices.values()):
-            plan = complete(self.df, dict(zip(self.choices, combo)))
-            for constraint in CONSTRAINTS:  # each narrows the one before: stop at the first unmet
-                if constraint != "none" and "R" in (plan[w] for w in self.df.weights):
-                    break
-                placed = self.evaluate(plan, constraint)
-                if placed is None:
-                    break
-                self.placed[constraint].append(placed)
-        for results in self.placed.values():
-            results.sort(key=lambda r: (r.bytes, r.param_bytes + r.activation_bytes))
-        self.plans, self.seconds = len(self.placed["none"]), time.perf_counter() - start
-        self.cpu_seconds = time.process_time() - cpu
-
-    def evaluate(self, plan, constraint="none"):
-        """The plan placed at least bytes under the constraint, or None if it cannot meet it."""
-        splits = place(self.df, plan, self.t, constraint)
-        return None if splits is None else account(self.df, plan, splits, self.t)
-
-    def best(self, constraint):
-        return self.placed[constraint][0]
-
-    def plan_of(self, **labels):
-        """Megatron's plan with some weights placed otherwise, e.g. plan_of(c_fc="row")."""
-        choice = {v: self.best("weights sharded").plan[v] for v in self.choices}
-        for short, want in labels.items():
-            v = next(w for w in self.df.weights if self.df.module[w].endswith(short))
-            choice[v] = next(p for p in self.choices[v] if label(self.df, {v: p}, v) == want)
-        return complete(self.df, choice)
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. nanosp: where it writes each collective by hand, and what its ledger counts
-
-NANOSP_HELPERS = {"f": "f", "f̄": "f_bar", "g": "LinearWithSequenceGather", "ḡ": "g_bar"}  # nanosp fuses g
-
-
-def nanosp_line(function, helper):
-    """(function, line, text) of the first call of `helper` in `function` or in a nanosp function it
-    calls: where nanosp.py writes that collective. None if nowhere."""
-    called = re.findall(r"(\w+)\(", inspect.getsource(function))
-    for fn in [function] + [getattr(nanosp, n) for n in called if inspect.isfunction(getattr(nanosp, n, None))]:
-        lines, start = inspect.getsourcelines(fn)
-        for i, line in enumerate(lines):
-            if re.search(rf"\b{helper}(\.apply)?\(", line):
-                return fn.__qualname__, start + i, line.strip()
-    return None
-
-
-def where_in_nanosp(df, c):
-    """The line of nanosp.py that holds placed collective c (None for a move nanosp never makes)."""
-    if c.name not in NANOSP_HELPERS:
-        return None
-    if c.value in df.params:  # nanosp reads all the replicated parameters through one f
-        return nanosp_line(nanosp.replicated_through_f, "CopyToTensorParallelRegion")
-    module = df.gm.meta["root"].get_submodule("block" + f".{c.module}" * bool(c.module))
-    return nanosp_line(type(module).forward, NANOSP_HELPERS[c.name])
-
-
-def fake_group(t):
-    """A process group of size t on the "fake" backend: exact shapes and bytes, no other processes."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=64)
-    if t > dist.get_world_size():
-        raise ValueError(f"t={t} is larger than the fake world of {dist.get_world_size()} ranks")
-    return dist.new_group(list(range(t)))
-
-
-def nanosp_ledger(cfg, seq, batch, t, sequence_parallel):
-    """nanosp's communication ledger for one layer at size t, on meta tensors: its messages as sorted
-    (phase, op, message bytes), and the ring bytes one rank sends."""
-    cfg = dataclasses.replace(cfg, sequence_parallel=sequence_parallel)
-    log = measure_communication(cfg, fake_group(t), batch, seq, torch.bfloat16, device="meta")
-    return (sorted((phase, op, nbytes) for phase, _, op, nbytes in log),
-            sum(ring_bytes_sent(op, nbytes, t) for _, _, op, nbytes in log))
-
-
-def messages(df, placed):
-    """A placed plan's collectives as nanosp's ledger lists them: sorted (phase, op, message bytes).
-    The gradients of the replicated parameters (each an f) are summed in one all-reduce of one flat
-    buffer, as nanosp's replicated_through_f does: the same ring bytes, fewer messages."""
-    bucket = [c for c in placed.collectives if c.value in df.params and c.name == "f"]
-    rest = [c for c in placed.collectives if c not in bucket]
-    return sorted([("forward", op, c.nbytes) for c in rest for op in c.forward]
-                  + [("backward", op, c.nbytes) for c in rest for op in c.backward]
-                  + [("backward", "all-reduce", sum(c.nbytes for c in bucket))] * bool(bucket))
-
-
-# ----------------------------------------------------------------------------------------------
-# python autoshard.py
-
-
-def table(headers, rows):
-    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers))
-    for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
-
-
-def summary(df, placed):
-    """A plan's collectives in the paper's letters, in graph order; those on parameters counted."""
-    acts = [c.name for c in placed.collectives if c.value not in df.params]
-    params = [c.name for c in placed.collectives if c.value in df.params]
-    on_params = [f"{n}×{params.count(n)} on parameters" for n in dict.fromkeys(params)]
-    return ", ".join([" ".join(acts)] * bool(acts) + on_params) or "-"
-
+RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
+MAKERS = set("arange ones zeros full empty scalar_tensor zeros_like ones_like full_like empty_like new_ones new_zeros "
+             "new_full new_empty tensor".split())  # made whole on each rank: no rule needed
 
 def print_rules():
-    print("\nAn op split along index i reads each input that holds i as S(i) and the others whole (R); its output "
-          "is S(i) if it holds i, P if i was summed over. An input read whole by a split op gets a partial gradient "
-          "(P). No op reads a P: it is reduced first.\n")
-    table(["op", "indices", "cannot split", "keeps for backward"],
-          [(", ".join(map(_op_name, targets)), *text) for targets, _, *text in RULES])
-    print("\nMoves: a tensor placed `from` read placed `to`; the gradient comes back. Bytes one rank sends, N the "
-          "whole tensor's bytes.\n")
-    rows = []
-    for src, dst, reader in [("R", "R", "split"), ("P", "R", "any"), ("S(i)", "R", "split"), ("P", "S(i)", "any"),
-                             ("R", "S(i)", "any"), ("S(i)", "R", "not split"), ("S(i)", "S(j)", "any")]:
-        grad = dst if dst != "R" else "P" if reader == "split" else "R"
-        forward, backward = move(src, dst), move(grad, gradient_placement(src))
-        units = ring_units(Collective("", "", src, dst, forward, backward, 1, ""))
-        name = PAPER.get((forward, backward), "")
-        rows.append((f"{src} -> {dst}", reader, " + ".join(forward) or "- (local)",
-                     f"{grad} -> {gradient_placement(src)}: {' + '.join(backward) or '-'}", f"{units} (t-1)/t N",
-                     name + " (i = T)" * (name in ("g", "ḡ"))))
-    table(["move", "reader split", "forward", "backward", "ring bytes", "name"], rows)
+    print("An op split along index i reads each input that holds i split, S(i), and the others whole, R; its output is "
+          "S(i), or P (partial sums) if it summed over i. An op linear in inputs may read them as P and give P, so "
+          "branches that add up are reduced once. Ops on constants alone (masks, rotary tables) run whole on every "
+          "rank and need no rule.\n")
+    table(["ATen ops", "indices", "cannot split", "linear in (P in, P out)", "keeps for backward"],
+          [(", ".join(names.split()[:6]) + " ..." * (len(names.split()) > 6), *text) for names, _, *text in RULES])
+    print("\nMoves: what serves a tensor placed `from` to a reader of it placed `to`; N its whole bytes.\n")
+    table(["move", "from -> to", "forward", "backward", "ring bytes per rank", "in nanosp.py"],
+          [(name, fromto, " + ".join(fwd) or "-", " + ".join(bwd) or "-", f"{sum(RING[o] for o in fwd + bwd)} (t-1)/t N",
+            helper) for name, (fwd, bwd, fromto, helper) in MOVES.items()])
 
+def table(headers, rows):
+    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers) + "".join(
+        "\n| " + " | ".join(str(x) for x in row) + " |" for row in rows))
 
-def print_search(search, top):
-    df, mib = search.df, lambda x: f"{x / 2**20:,.2f}"
-    for constraint, text in CONSTRAINTS.items():
-        print(f"\n#### {constraint}: {text} ({len(search.placed[constraint])} plans)\n")
-        table(["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "between blocks", "collectives", "MiB sent",
-               "params MiB", "activations MiB"],
-              [[label(df, r.plan, v) for v in df.weights + [df.x]]
-               + [summary(df, r), mib(r.bytes), mib(r.param_bytes), mib(r.activation_bytes)]
-               for r in search.placed[constraint][:top]])
+# ----------------------------------------------------------------------------------------------
+# the traced graph, every dimension named
 
+@dataclasses.dataclass
+class Value:
+    """One tensor of the traced graph."""
+    name: str
+    shape: tuple
+    kind: str               # "input", "parameter", "constant" (buffers, made on each rank) or "activation"
+    target: str = ""        # the parameter's name, or "input i"
+    grad: bool = False      # needs a gradient
+    floating: bool = True
+    dims: list = None       # per dimension, a tuple of index names
 
-def print_placement(search, constraint, title, sequence_parallel):
-    df, best = search.df, search.best(constraint)
-    print(f"\n#### {title}: the cheapest plan with {constraint}, against nanosp.py\n")
-    bucket = [c for c in best.collectives if c.value in df.params and c.name == "f"]
-    rows = []
-    for c in [c for c in best.collectives if c not in bucket[1:]]:
-        at = where_in_nanosp(df, c)
-        dims = " ".join(d[0] if len(d) == 1 else f"({' '.join(d)})" for d in df.dims[c.value])
-        tensor, module, nbytes = f"{df.params.get(c.value, c.value)} ({dims})", c.module or "Block", c.nbytes
-        if c in bucket:  # one all-reduce of one flat buffer, as nanosp sums them
-            tensor, module = ", ".join(df.params[b.value] for b in bucket), "the replicated parameters"
-            nbytes = sum(b.nbytes for b in bucket)
-        rows.append((c.name, tensor, module, f"{c.src} -> {c.dst}", " + ".join(c.forward) or "-",
-                     " + ".join(c.backward) or "-", f"{nbytes:,}", f"{at[1]} {at[0]}: `{at[2]}`" if at else "-"))
-    table(["", "tensor", "in", "placement", "forward", "backward", "message bytes", "nanosp.py"], rows)
-    log, ring = nanosp_ledger(search.cfg, *search.shape[:2], search.t, sequence_parallel)
-    verdict = "equal" if log == messages(df, best) and ring == best.bytes else "DIFFERENT"
-    print(f"\nBytes one rank sends per layer: {best.bytes:,.0f} placed here, {ring:,.0f} counted by nanosp's "
-          f"communication ledger (sequence_parallel={sequence_parallel}); message by message: {verdict}.")
+    @property
+    def factors(self):
+        return {f for d in self.dims for f in d}
 
+class Op(NamedTuple):
+    name: str
+    node: fx.Node
+    kind: str               # the ATen op's name
+    inputs: tuple           # the values it reads, constants aside, each once
+    outputs: tuple          # the values it makes (None where unused)
+    law: Law                # after tracing: value names, and sets of indices
+    where: str              # its source line
+
+class Graph:
+    """A module traced to ATen ops, every dimension of every tensor named, every op read by its rule. Nothing is
+    skipped: an op without a rule is a ValueError naming it and its source line."""
+
+    def __init__(self, module, example_inputs, dims=None):
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        for i, x in enumerate(inputs):
+            if not torch.is_tensor(x):
+                raise ValueError(f"example input {i} is a {type(x).__name__}: discover takes tensors")
+        self.names, self.module, self.shapes_in = _dim_names(inputs, dims), type(module).__name__, [x.shape for x in inputs]
+        self.element_size = next((x.element_size() for x in inputs if x.is_floating_point()), 4)
+        self.ep = trace(module, inputs)
+        self.idx, self.values, self.ops, self.constants, self.inputs, self.memo = Indices(), {}, [], [], [], {}
+        for s in self.ep.graph_signature.output_specs:
+            if s.kind.name != "USER_OUTPUT":
+                raise ValueError(f"{self.module} writes {s.target} in its forward: a sharded run cannot")
+        specs = {s.arg.name: s for s in self.ep.graph_signature.input_specs}
+        for node in self.ep.graph.nodes:
+            if node.op == "placeholder":
+                self._leaf(node, specs[node.name])
+            elif node.op == "output":
+                self.outputs = [a.name if isinstance(a, fx.Node) else None for a in node.args[0]]
+            elif node.target is not operator.getitem and _tensors_of(node.meta.get("val")):
+                self._op(node)
+        x, y = self.values[self.inputs[0]], self.values.get(self.outputs[0])
+        self.aligned = y is not None and y.shape == x.shape and y.kind == "activation"
+        for d, e in zip(y.dims, x.dims) if self.aligned else ():  # one of a stack: its output is the next input
+            self.idx.unify(d, e, f"{self.module}'s output and input")
+        self._freeze()
+        self.sequence = x.dims[self.names[0].index("T")] if "T" in self.names[0] else ()
+
+    def dims(self, node):
+        v = self.values[node.name]
+        if v.dims is None:  # a leaf, named at its first use
+            v.dims = _fresh(self, v.shape, v.target or v.name)
+        return v.dims
+
+    def shape(self, node):
+        return tuple(node.meta["val"].shape)
+
+    def shapes(self, node):
+        return [tuple(o.shape) for o in node.meta["val"]]
+
+    def _leaf(self, node, spec):
+        val, i = node.meta["val"], len(self.inputs)
+        kind = {"USER_INPUT": "input", "PARAMETER": "parameter"}.get(spec.kind.name, "constant")
+        target = f"input {i}" if kind == "input" else spec.target
+        grad = val.is_floating_point() and (kind == "input" or kind == "parameter" and self.ep.state_dict[target].requires_grad)
+        v = self.values[node.name] = Value(node.name, tuple(val.shape), kind, target, grad, val.is_floating_point())
+        if kind == "input":
+            self.inputs.append(node.name)
+            for name, n in zip(self.names[i], v.shape):
+                if self.idx.size.get(name, n) != n:
+                    raise ValueError(f"dims names {name} for sizes {self.idx.size[name]} and {n} ({target})")
+            v.dims = [(name if name in self.idx.size else self.idx.new(name, n),) if n > 1 else ()
+                      for name, n in zip(self.names[i], v.shape)]
+
+    def _op(self, node):
+        val, name, ins = node.meta["val"], op_name(node), _nodes((node.args, node.kwargs))
+        users = {u.args[1]: u.name for u in node.users if u.target is operator.getitem}
+        outs = tuple(users.get(i) for i in range(len(val))) if isinstance(val, (list, tuple)) else (node.name,)
+        constant = name in MAKERS or all(self.values[x.name].kind == "constant" for x in ins)
+        if name.startswith("rand") or name in ("bernoulli", "native_dropout"):
+            raise ValueError(f"{name} ({source(node)}) draws random numbers: a sharded run would draw others")
+        grad = any(self.values[x.name].grad for x in ins) and name != "detach"
+        for o, t in zip(outs, _tensors_of(val)):
+            if o:
+                self.values[o] = Value(o, tuple(t.shape), "constant" if constant else "activation",
+                                       grad=grad and t.is_floating_point(), floating=t.is_floating_point())
+        if constant:  # made whole on every rank, once
+            return self.constants.append((node, outs))
+        if name not in RULE_OF:
+            raise ValueError(f"no sharding rule for aten.{name} ({source(node)}); print_rules() lists the ops it knows")
+        a = named_args(node)
+        if name == "dropout" and a["p"] and a["train"]:
+            raise ValueError(f"dropout p={a['p']} ({source(node)}): a sharded run would draw other masks; trace the "
+                             f"module in eval() or with p=0")
+        law = RULE_OF[name](self, node, a)
+        for o, d in zip(outs, law.outputs):
+            if o:
+                self.values[o].dims = d
+        seen = tuple(dict.fromkeys(x.name for x in ins if self.values[x.name].kind != "constant"))
+        self.ops.append(Op(node.name, node, name, seen, outs, law, source(node)))
+
+    def _freeze(self):
+        """Every dim in its finest factors; the laws in value names and index sets; what is live when."""
+        E = self.idx.expand
+        for v in self.values.values():
+            v.dims = [E(d) for d in (v.dims if v.dims is not None else _fresh(self, v.shape, v.target or v.name))]
+
+        def names(xs):
+            return frozenset("out" if x == "out" else x.name for x in xs if x is not None)
+
+        def indices(dims):
+            return frozenset(f for d in dims for f in E(d))
+
+        self.ops = [op._replace(law=op.law._replace(
+            whole=indices(op.law.whole), summed=indices(op.law.summed), affine=names(op.law.affine), saves=names(op.law.saves),
+            linear=tuple(names(gr) for gr in op.law.linear if gr), new=tuple([E(d) for d in ds] for ds in op.law.new)))
+            for op in self.ops]
+        self.last_read, born = {}, {self.inputs[0]: 0}
+        for k, op in enumerate(self.ops):
+            for v in op.inputs:
+                self.last_read[v] = k
+                born.setdefault(v, k + 1)  # a leaf: placed at its first read
+            born.update((o, k + 1) for o in op.outputs if o)
+        self.last_read.update((o, len(self.ops)) for o in self.outputs if o and self.values[o].kind != "constant")
+        self.live = [[v for v in born if born[v] <= k <= self.last_read.get(v, -1)] for k in range(len(self.ops) + 1)]
+
+def _tensors_of(val):
+    return [o for o in (val if isinstance(val, (list, tuple)) else [val]) if torch.is_tensor(o)]
+
+def _dim_names(inputs, dims):
+    dims = (dims,) if isinstance(dims, str) else (None,) * len(inputs) if dims is None else tuple(dims)
+    if len(dims) != len(inputs):
+        raise ValueError(f"dims names {len(dims)} inputs; there are {len(inputs)} example inputs")
+    for i, (x, spec) in enumerate(zip(inputs, dims)):
+        if spec is None and x.dim() != 3:
+            raise ValueError(f"input {i} has {x.dim()} dimensions {tuple(x.shape)}: name them in dims, e.g. dims[{i}]="
+                             f"{' '.join(f'd{k}' for k in range(x.dim()))!r} (only a 3-D input defaults to 'B T C')")
+        if spec is not None and len(spec.split()) != x.dim():
+            raise ValueError(f"dims[{i}]={spec!r} names {len(spec.split())} dimensions; input {i} has {x.dim()}: "
+                             f"{tuple(x.shape)}")
+    return [(spec or "B T C").split() for spec in dims]
+
+# ----------------------------------------------------------------------------------------------
+# 4. price: placements, and the moves between them
+#
+# N is the whole tensor's bytes. Under the ring algorithm a rank sends 2(t-1)/t N for an all-reduce and
+# (t-1)/t N for an all-gather or a reduce-scatter (Korthikanti et al. 2022, section 4.2.2).
+
+class Placement(NamedTuple):
+    """R replicated, S split along an index, P partial sums (the ranks' tensors add up to it)."""
+    kind: str
+    index: Optional[str] = None
+
+    def __str__(self):
+        return f"S({self.index})" if self.kind == "S" else self.kind
+
+R, P = Placement("R"), Placement("P")
+
+def S(index):
+    return Placement("S", index)
+
+def grad_placement(p):
+    """A tensor's gradient once its readers' parts are moved and summed: placed like it, except that a partial
+    sum's gradient is whole (the reduction's backward hands it whole to every rank)."""
+    return p if p.kind == "S" else R
+
+class Read(NamedTuple):
+    """How an op reads a tensor: the placement it reads, the placement of the gradient it sends back, and (under
+    "activations") whether it keeps what it read for backward."""
+    placement: Placement
+    grad: Placement
+    saved: bool = False
+
+class Move(NamedTuple):
+    name: str
+    index: Optional[str] = None
+
+MOVES = {  # name: forward, backward, from -> to, what nanosp.py calls it
+    "f": ((), ("all-reduce",), "R -> R, read by a split op (its gradient P)", "f, CopyToTensorParallelRegion"),
+    "f̄": (("all-reduce",), (), "P -> R", "f_bar, ReduceFromTensorParallelRegion"),
+    "g": (("all-gather",), ("reduce-scatter",), "S(i) -> R, read by a split op", "g, GatherFromSequenceParallelRegion"),
+    "ḡ": (("reduce-scatter",), ("all-gather",), "P -> S(i)", "g_bar, ReduceScatterToSequenceParallelRegion"),
+    "gather": (("all-gather",), (), "S(i) -> R, read by an unsplit op", "all_gather_sequence"),
+    "split": ((), ("all-gather",), "R -> S(j), its only split reader", "all_gather_sequence"),
+    "regather": ((), ("all-gather",), "keeps S(i) of a gathered input", "LinearWithSequenceGather"),
+    "slice": ((), (), "R -> S(j), its gradient P", "-"),
+    "partial": ((), (), "R -> P (rank 0's, zeros elsewhere)", "-"),
+}
+RING = {"all-reduce": 2, "all-gather": 1, "reduce-scatter": 1}
+
+class Moved(NamedTuple):
+    """A move a plan makes: of which value, its whole bytes, whether its backward runs."""
+    value: str
+    move: Move
+    nbytes: int
+    grad: bool
+
+    def ops(self, phase):
+        return MOVES[self.move.name][phase == "backward"] if phase == "forward" or self.grad else ()
+
+def collectives(moves):
+    return [(phase, c, m.nbytes) for m in moves for phase in ("forward", "backward") for c in m.ops(phase)]
+
+def units(moves):
+    """Ring bytes, in units of (t-1)/t: an integer, so that equal plans tie exactly."""
+    return sum(RING[c] * n for _, c, n in collectives(moves))
+
+def recipe(p, reads, via=None):
+    """The moves that serve each read of a tensor placed p: {read: chain of moves}. Readers share what they can:
+    every reader that sends back a partial gradient reads through one f (or one g), so branches reading one
+    tensor reduce its gradient once. A partial sum read whole and kept (under "activations") goes through
+    S(via): ḡ, then g and a re-gather, as sequence parallelism moves it."""
+    chains = {rd: () for rd in reads if rd.placement == p and rd.grad == grad_placement(p)}
+    rest = sorted(rd for rd in reads if rd not in chains)
+    if p == P and via and any(rd.saved and rd.placement == R for rd in rest):
+        return chains | {rd: (Move("ḡ", via),) + chain for rd, chain in recipe(S(via), rest).items()}
+    if p == P and len({rd.placement for rd in rest}) == 1 and rest[0].placement.kind == "S":
+        return chains | {rd: (Move("ḡ", rd.placement.index),) for rd in rest}
+    if p.kind != "S":
+        return chains | _from_whole(rest, (Move("f̄"),) if p == P and rest else ())
+    for rd in rest:  # gathered: partial gradients summed and reduce-scattered by one g, whole ones by a gather
+        then = (Move("partial"),) if rd.placement == P else (Move("slice", rd.placement.index),) * (rd.placement.kind == "S")
+        chains[rd] = ((Move("gather" if rd.grad == R else "g", p.index),) + then
+                      + (Move("regather", p.index),) * (rd.saved and rd.placement == R))
+    return chains
+
+def _from_whole(rest, prefix):
+    """Reads of a whole tensor: those sending back a partial gradient share one f, unless a lone split reader is
+    all there is (then a split: its gradient all-gathered, half an all-reduce's bytes)."""
+    chains = {rd: prefix + (Move("partial"),) * (rd.placement == P) for rd in rest if rd.grad == R}
+    needing = [rd for rd in rest if rd not in chains]
+    if len({rd.placement for rd in needing}) == 1 and needing[0].placement.kind == "S":
+        return chains | {rd: prefix + (Move("split", rd.placement.index),) for rd in needing}
+    return chains | {rd: prefix + (Move("f"),) + (Move("slice", rd.placement.index),) * (rd.placement.kind == "S")
+                     for rd in needing}
+
+def via(g, v, t):
+    """The index a partial sum v is reduce-scattered along before it is gathered again: T if it can."""
+    return next((f for f in sorted(g.values[v].factors, key=lambda f: (f not in g.sequence, g.idx.born[f]))
+                 if g.idx.size[f] % t == 0), None)
+
+def moves_of(g, v, p, reads, t):
+    """The moves a value makes: each distinct prefix of its chains once, in a fixed order."""
+    chains = recipe(p, reads, via(g, v, t)).values()
+    prefixes = sorted({c[:n] for c in chains for n in range(1, len(c) + 1)}, key=lambda c: (len(c), c))
+    return [Moved(v, c[-1], math.prod(g.values[v].shape) * g.element_size, g.values[v].grad) for c in prefixes]
+
+# ----------------------------------------------------------------------------------------------
+# 5. search
+
+class Choice(NamedTuple):
+    """How an op runs: split along an index, or not (None), reading its linear group `partial` as P."""
+    index: Optional[str] = None
+    partial: Optional[int] = None
+
+class Stepped(NamedTuple):
+    entries: tuple          # each input's (placement, reads so far) after the op; None after its last read
+    outputs: tuple          # each output's placement
+    done: tuple             # (value, placement, reads) of each value read for the last time
+    units: int              # their moves' ring bytes, in units of (t-1)/t
+    kept: tuple             # ((value, placement), bytes on one rank) of what the op keeps for backward
+
+def options(g, k, t):
+    """Op k's choices at size t: unsplit; split along an index of its outputs, or of what it sums over, that t
+    divides, that it can split and no operand holds twice; each of its linear groups read as P."""
+    if (k, t) not in g.memo:
+        op, law = g.ops[k], g.ops[k].law
+        vals = [g.values[v] for v in op.inputs + tuple(o for o in op.outputs if o)]
+        found = {f for o in op.outputs if o for f in g.values[o].factors} | law.summed
+        ok = [f for f in sorted(found - law.whole, key=g.idx.born.get)
+              if g.idx.size[f] % t == 0 and all(sum(f in d for d in v.dims) <= 1 for v in vals)]
+        g.memo[k, t] = [Choice()] + [Choice(f) for f in ok] + [Choice(partial=i) for i in range(len(law.linear))]
+    return g.memo[k, t]
+
+def choices(g, k, t, live):
+    """The options worth trying in this state. An elementwise op or a view whose activations are placed alike
+    keeps that placement when it can: a move before it costs what one after it would (the plan space searched,
+    exactly, is the one where they do). A linear group is read as P only if one of it is P already."""
+    op, law, opts = g.ops[k], g.ops[k].law, options(g, k, t)
+    placed = {live[v][0] for v in op.inputs if g.values[v].kind != "parameter" and v in live}
+    if law.view and len(placed) == 1:
+        p, ps = placed.pop(), {v for v in op.inputs if v in live and live[v][0] == P}
+        keep = Choice(p.index) if p.kind == "S" else Choice() if p == R else \
+            next((Choice(partial=i) for i, gr in enumerate(law.linear) if ps <= gr), None)
+        if keep in opts:
+            return [keep]
+    return [c for c in opts if c.partial is None or any(live.get(v, (R,))[0] == P for v in law.linear[c.partial])]
+
+def read_of(g, op, choice, v, constraint):
+    """How op, run as `choice`, reads value v."""
+    law, partial_out = op.law, choice.partial is not None or choice.index in op.law.summed
+    if choice.index is not None and choice.index in g.values[v].factors:
+        rd = Read(S(choice.index), S(choice.index))
+    elif choice.partial is not None and v in law.linear[choice.partial] or partial_out and v in law.affine:
+        rd = Read(P, R)
+    else:  # read whole by a split op, each rank sends back its part of the gradient: P
+        rd = Read(R, P if choice.index is not None or partial_out else R)
+    if not g.values[v].grad:  # no gradient: how it would come back does not matter
+        return Read(rd.placement, grad_placement(rd.placement))
+    return rd._replace(saved=constraint == "activations" and v in law.saves)
+
+def step(g, t, constraint, k, choice, entries):
+    """Op k run as `choice`, given its inputs' entries (None: a leaf read for the first time, placed as it is
+    read); None if that breaks the constraint."""
+    op, law = g.ops[k], g.ops[k].law
+    partial_out = choice.partial is not None or choice.index in law.summed
+    outs = tuple(o and (S(choice.index) if choice.index in g.values[o].factors else P if partial_out else R)
+                 for o in op.outputs)
+    new, done, kept = [], [], []
+
+    def keep(key, shape, p):  # a tensor kept for backward, placed p: its bytes on one rank; False if it breaks
+        kept.append((key, math.prod(shape) * g.element_size // (t if p.kind == "S" else 1)))
+        return constraint != "activations" or p.kind == "S"
+
+    for v, entry in zip(op.inputs, entries):
+        val, rd = g.values[v], read_of(g, op, choice, v, constraint)
+        p, reads = entry or (R if rd.placement == P else rd.placement, frozenset())
+        if constraint != "none" and val.kind == "parameter" and len(val.shape) > 1 and (p.kind != "S" or rd.placement != p):
+            return None  # a weight matrix is split, and read only as it is split
+        if v in law.saves and val.kind != "parameter":
+            regathered = rd.saved and rd.placement == R and (p.kind == "S" or p == P and via(g, v, t))
+            q = (p if p.kind == "S" else S(via(g, v, t))) if regathered else rd.placement
+            if not keep((v, q), val.shape, q) and val.floating:
+                return None  # (integer indices excepted: an embedding reads them whole)
+        reads |= {rd}
+        new.append(None if g.last_read[v] == k else (p, reads))
+        done += [(v, p, reads)] * (g.last_read[v] == k)
+    if "out" in law.saves and not all([keep((o, p), g.values[o].shape, p) for o, p in zip(op.outputs, outs) if o]):
+        return None
+    for i, dims in enumerate(law.new):
+        if not keep((op.name, i), [g.idx.size[f] for d in dims for f in d],
+                    S(choice.index) if any(choice.index in d for d in dims) else R):
+            return None
+    return Stepped(tuple(new), outs, tuple(done), units(m for d in done for m in moves_of(g, *d, t)), tuple(kept))
+
+def finish(g, first, v, p, reads):
+    """An output's last read: the module's output returns to its input's placement (the next block of a stack
+    reads it so); any other output is taken as it is (shard's conversions to full are not priced)."""
+    back = first if g.aligned and v == g.outputs[0] else p
+    return reads | {Read(back, grad_placement(back))}
+
+def search(g, t, constraint, start, stop, states):
+    """The dynamic programme over ops start..stop: a state is the (placement, reads) of every live value, and only
+    the cheapest way to each state is kept, which is exact, since what happens after depends on nothing else.
+    states: {state: (units, kept bytes, partial reads, path)}."""
+    for k in range(start, stop):
+        op, following = g.ops[k], {}
+        for state, (cost, kept, partials, path) in states.items():
+            live = dict(zip(g.live[k], state))
+            for choice in choices(g, k, t, live):
+                key = ("step", t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
+                if key not in g.memo:
+                    g.memo[key] = step(g, t, constraint, k, choice, key[-1])
+                if (s := g.memo[key]) is None:
+                    continue
+                changed = dict(zip(op.inputs, s.entries)) | {o: (p, frozenset()) for o, p in zip(op.outputs, s.outputs) if o}
+                after = tuple(changed[v] if v in changed else live[v] for v in g.live[k + 1])
+                score = (cost + s.units, kept + sum(b for _, b in s.kept), partials + (choice.partial is not None))
+                if after not in following or score < following[after][:3]:
+                    following[after] = (*score, (choice, path))
+        states = following
+    return states
+
+def segments(g):
+    """The ops cut where one value alone is live (between blocks, or sub-blocks): each run, with the first run it
+    repeats and the index map that makes it that one. A stack of identical blocks is solved once."""
+    if "segments" not in g.memo:
+        cuts = sorted({0, len(g.ops)} | {k for k in range(len(g.ops)) if len(g.live[k]) == 1})
+        found, seen = [], {}
+        for a, b in zip(cuts, cuts[1:]):
+            key = tuple((op.kind, g.values[next(o for o in op.outputs if o)].shape) for op in g.ops[a:b])
+            match = next(((a0, m) for a0 in seen.get(key, []) if (m := _same(g, a0, a, b - a)) is not None), None)
+            found.append((a, b, match or (a, {})))
+            seen.setdefault(key, []).extend([a] * (match is None))
+        g.memo["segments"] = found
+    return g.memo["segments"]
+
+def _same(g, a, b, n):
+    """The index map from ops a..a+n to ops b..b+n if they are the same ops on the same shapes, reading values made
+    at the same places; else None."""
+    fmap, back, made = {}, {}, {o: (k, i) for k, op in enumerate(g.ops) for i, o in enumerate(op.outputs) if o}
+
+    def role(v, start):  # the segment's first value (an input or not), a value it makes, or a leaf
+        k, i = made.get(v, (-1, 0))
+        return ("first",) if v in g.live[start] else (g.values[v].kind, g.values[v].shape, k - start if k >= start else None, i)
+
+    for x, y in zip(g.ops[a:a + n], g.ops[b:b + n]):
+        if x.kind != y.kind or repr(fx.node.map_arg(x.node.args, lambda _: 0)) != repr(fx.node.map_arg(y.node.args, lambda _: 0)):
+            return None
+        for u, w in zip(x.inputs + x.outputs, y.inputs + y.outputs):
+            if (u is None) != (w is None) or u and role(u, a) != role(w, b):
+                return None
+            for f, h in zip(*[[f for d in g.values[z].dims for f in d] if z else [] for z in (u, w)]):
+                if fmap.setdefault(f, h) != h or back.setdefault(h, f) != f:
+                    return None
+    return fmap
+
+def _rename(state, fmap):
+    def p(q):
+        return q._replace(index=fmap.get(q.index, q.index))
+    return tuple((p(e[0]), frozenset(Read(p(r.placement), p(r.grad), r.saved) for r in e[1])) for e in state)
+
+def best(g, t, constraint, first):
+    """The cheapest choices with input 0 placed `first`, or None: segment by segment, each solved once from each
+    placement of its first value, for all its copies."""
+    states = {((first, frozenset()),) * (g.inputs[0] in g.live[0]): (0, 0, 0, None)}
+    for a, b, (a0, fmap) in segments(g):
+        following, back = {}, {h: f for f, h in fmap.items()}
+        for state, (cost, kept, partials, path) in states.items():
+            key = ("segment", t, constraint, a0, _rename(state, back))
+            if key not in g.memo:
+                g.memo[key] = search(g, t, constraint, a0, a0 + b - a, {key[-1]: (0, 0, 0, None)})
+            for after, (c, m, pa, sub) in g.memo[key].items():
+                after, score = _rename(after, fmap), (cost + c, kept + m, partials + pa)
+                if after not in following or score < following[after][:3]:
+                    following[after] = (*score, ((sub, fmap), path))
+        states = following
+    finals = [(cost + units(m for v, (p, reads) in zip(g.live[-1], state) for m in moves_of(
+        g, v, p, finish(g, first, v, p, reads), t)), kept, partials, path) for state, (cost, kept, partials, path) in states.items()]
+    if not finals:
+        return None
+    path, found = min(finals, key=lambda f: f[:3])[3], []
+    while path:
+        (sub, fmap), path = path
+        while sub:
+            choice, sub = sub
+            found.append(choice._replace(index=fmap.get(choice.index, choice.index)))
+    return found[::-1]
+
+def account(g, t, constraint, first, chosen):
+    """The Plan of one choice per op, input 0 placed `first` (None if it breaks the constraint): its moves in graph
+    order; per rank, the parameter bytes and the activation bytes kept, each tensor once."""
+    live, moves, kept, placed, reads_of = {g.inputs[0]: (first, frozenset())}, [], {}, {g.inputs[0]: first}, {}
+    for k, (op, choice) in enumerate(zip(g.ops, chosen)):
+        s = step(g, t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
+        if choice not in choices(g, k, t, live) or s is None:
+            return None
+        live.update(zip(op.inputs, s.entries))
+        for v, p, reads in s.done + tuple((v, *e) for v, e in zip(op.inputs, s.entries) if e):
+            placed.setdefault(v, p)
+        for v, p, reads in s.done:
+            moves += moves_of(g, v, p, reads, t)
+            reads_of[v] = reads
+        live.update((o, (p, frozenset())) for o, p in zip(op.outputs, s.outputs) if o)
+        placed.update((o, p) for o, p in zip(op.outputs, s.outputs) if o)
+        kept.update(s.kept)
+    for v in g.live[-1]:
+        reads_of[v] = finish(g, first, v, *live[v])
+        moves += moves_of(g, v, live[v][0], reads_of[v], t)
+    params = sum(math.prod(v.shape) * g.element_size // (t if placed.get(v.name, R).kind == "S" else 1)
+                 for v in g.values.values() if v.kind == "parameter")
+    return Plan(t, constraint, g, first, {op.name: c for op, c in zip(g.ops, chosen)}, placed, reads_of, moves,
+                units(moves) * (t - 1) // t, sum(kept.values()), params)
+
+def discover(module, example_inputs, t, dims=None, constraint="weights"):
+    """The plan that sends the fewest bytes per rank (ring algorithm, forward and backward) under the constraint
+    (CONSTRAINTS); ties go to fewer activation bytes kept. module is unsharded, and it and example_inputs may be on
+    the meta device: nothing is computed. dims names each input's dimensions, e.g. ("T B C",); a 3-D input defaults
+    to "B T C". Bytes are at the inputs' element size; the module is priced as one of a stack of identical blocks
+    (its output returns to its input's placement: replicated, or split along T under "activations"); shard()'s
+    conversions from and to full tensors are not priced. The plan applies to any module of the same parameters,
+    shapes and dtypes."""
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"constraint={constraint!r} is not one of {tuple(CONSTRAINTS)}")
+    if not isinstance(t, int) or isinstance(t, bool) or t < 2:
+        raise ValueError(f"t={t!r} must be an int >= 2: the number of ranks to shard over")
+    return solve(Graph(module, example_inputs, dims), t, constraint)
+
+def solve(g, t, constraint):
+    """discover's search, on a traced Graph."""
+    sizes = sorted({n for n in g.idx.size.values() if n > 1})
+    if not any(n % t == 0 for n in sizes):
+        raise ValueError(f"t={t} divides no dimension of {g.module}'s tensors (their sizes: {sizes})")
+    seq = [f for f in g.sequence if g.idx.size[f] % t == 0]
+    if constraint == "activations" and not seq:  # input 0 split along its sequence, as the paper's SP splits it
+        raise ValueError("constraint='activations' splits input 0 along its sequence dimension T: " + (
+            f"its size {g.shapes_in[0][g.names[0].index('T')]} is not divisible by t={t}" if g.sequence else "name it T"))
+    first = S(seq[0]) if constraint == "activations" else R
+    gc.disable()  # the search makes many small tuples, none of them cyclic: the collector would only slow it
+    try:
+        found = best(g, t, constraint, first)
+    finally:
+        gc.enable()
+    if found is None:
+        stuck = [f"{v.target} {v.shape}" for v in g.values.values()
+                 if v.kind == "parameter" and len(v.shape) > 1 and not any(n % t == 0 for n in v.shape)]
+        raise ValueError(f"no plan for {g.module} meets constraint={constraint!r} at t={t}"
+                         + (f": {stuck[0]} has no dimension t divides" if stuck else ""))
+    return account(g, t, constraint, first, found)
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+
+@dataclasses.dataclass
+class Plan:
+    """Where each weight and activation of a module lives on t ranks, and the moves between them."""
+    t: int
+    constraint: str
+    graph: Graph
+    first: Placement        # input 0's placement (and the output's, in a stack of blocks)
+    choices: dict           # op -> Choice
+    placements: dict        # value -> Placement
+    reads: dict             # value -> its Reads
+    moves: list             # [Moved], in graph order
+    bytes_sent: int         # per rank, forward and backward, ring algorithm
+    activation_bytes: int   # kept for backward by one rank, each tensor once
+    param_bytes: int        # held by one rank
+
+    @property
+    def collectives(self):
+        """[(phase, name, bytes of the whole tensor)], forward and backward, in graph order."""
+        return collectives(self.moves)
+
+    @property
+    def weights(self):
+        """{parameter name: its Placement}."""
+        return {v.target: self.placements.get(v.name, R) for v in self.graph.values.values() if v.kind == "parameter"}
+
+    def describe(self, v):
+        """A value's placement in words, e.g. "split: dim 0 = 3 x [16] x 64" (the bracketed factor is split)."""
+        g, p = self.graph, self.placements.get(v, R)
+        if p.kind != "S":
+            return {"R": "replicated", "P": "partial sums"}[p.kind]
+        d = next(k for k, dim in enumerate(g.values[v].dims) if p.index in dim)
+        return f"split: dim {d} = " + " x ".join(f"[{g.idx.size[f]}]" if f == p.index else str(g.idx.size[f])
+                                                for f in g.values[v].dims[d])
+
+    def __str__(self):
+        g, mib = self.graph, lambda b: f"{b / 2**20:,.2f} MiB"
+        made = {o: op.where for op in g.ops for o in op.outputs if o}
+        return "\n".join(
+            [f"{g.module} at t={self.t}, constraint={self.constraint!r}: {self.bytes_sent:,} bytes sent per rank, forward "
+             f"+ backward (ring); per rank {mib(self.param_bytes)} of parameters, {mib(self.activation_bytes)} of "
+             f"activations kept", f"  input 0 {tuple(g.shapes_in[0])}: {self.describe(g.inputs[0])}"
+             + "; the output returns to it" * g.aligned]
+            + [f"  {v.target!r:34} {str(v.shape):14} {self.describe(v.name)}" for v in g.values.values()
+               if v.kind == "parameter"]
+            + [f"  {m.move.name:8} {g.values[m.value].target or m.value:12} {str(g.values[m.value].shape):16} forward "
+               f"{' + '.join(m.ops('forward')) or '-':15} backward {' + '.join(m.ops('backward')) or '-':28} "
+               f"{m.nbytes:>13,} B  {made.get(m.value, '')}" for m in self.moves if m.ops("forward") + m.ops("backward")])
+
+# ----------------------------------------------------------------------------------------------
+# 6. run: the traced graph on this rank's shards
+
+class Moving(torch.autograd.Function):
+    """A move nanosp has no operator for, along dim 0: forward and backward each "slice" (this rank's rows),
+    "gather" (all-gather), "sum" (all-reduce), "mask" (rank 0 keeps it, the others zeros) or "-"."""
+
+    @staticmethod
+    def forward(ctx, x, forward, backward, group):
+        ctx.how = backward, group
+        return _moving(x, forward, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _moving(grad, *ctx.how), None, None, None
+
+def _moving(x, what, group):
+    if what in ("gather", "sum"):
+        return nanosp.all_gather_sequence(x, group) if what == "gather" else nanosp.all_reduce(x.clone(), group)
+    t, rank = nanosp.group_size(group), nanosp.group_rank(group)
+    return {"slice": lambda: x.chunk(t)[rank].contiguous(), "-": lambda: x.view_as(x),
+            "mask": lambda: x.clone() if rank == 0 else torch.zeros_like(x)}[what]()
+
+def along(x, dims, index, fn, size):
+    """fn applied along factor `index` of x (dims: its factors, size: theirs), moved to dim 0 and back: a split,
+    gather or scatter of a factor anywhere, even inside a merged dim."""
+    d = next(k for k, dim in enumerate(dims) if index in dim)
+    sizes, j = [size[f] for f in dims[d]], dims[d].index(index)
+    sizes[j] = x.shape[d] // (math.prod(sizes) // sizes[j])  # this rank's part, or the whole
+    y = fn(x.reshape(*x.shape[:d], *sizes, *x.shape[d + 1:]).movedim(d + j, 0)).movedim(0, d + j)
+    return y.reshape(*y.shape[:d], math.prod(y.shape[d:d + len(sizes)]), *y.shape[d + len(sizes):]).contiguous()
+
+def apply_move(x, move, dims, size, group):
+    """One move on this rank: nanosp's f, f̄, g, ḡ where they apply, the other moves by Moving or slicing."""
+    if move.name == "regather":  # the gathered tensor itself: _regathering keeps its shard for backward
+        return x
+    t, rank = nanosp.group_size(group), nanosp.group_rank(group)
+    fn = {"f": lambda y: nanosp.f(y, group), "f̄": lambda y: nanosp.f_bar(y, group), "g": lambda y: nanosp.g(y, group),
+          "ḡ": lambda y: nanosp.g_bar(y, group), "gather": lambda y: Moving.apply(y, "gather", "slice", group),
+          "split": lambda y: Moving.apply(y, "slice", "gather", group), "slice": lambda y: y.chunk(t)[rank],
+          "partial": lambda y: Moving.apply(y, "mask", "-", group)}[move.name]
+    return along(x, dims, move.index, fn, size) if move.index else fn(x)
+
+class Regathered:
+    """The shard of a gathered tensor that ops keep for backward instead of the tensor: gathered again when
+    backward first needs it, once however many ops keep it (as nanosp's LinearWithSequenceGather does)."""
+
+    def __init__(self, shard, chain, dims, size, group):
+        self.shard, self.chain, self.dims, self.size, self.group, self.whole = shard.detach(), chain, dims, size, group, None
+
+    def get(self):
+        if self.whole is None:
+            with torch.no_grad():
+                self.whole = self.shard
+                for m in self.chain:
+                    self.whole = apply_move(self.whole, m, self.dims, self.size, self.group)
+        return self.whole
+
+def _regathering(kept):
+    """Within an op, a saved tensor that views a gathered one is kept as its Regathered shard and rebuilt in
+    backward by its strides. kept: [(gathered tensor, Regathered)]."""
+    holders = {x.untyped_storage().data_ptr(): holder for x, holder in kept}
+
+    def pack(x):
+        holder = holders.get(x.untyped_storage().data_ptr())
+        return x if holder is None else (holder, x.shape, x.stride(), x.storage_offset())
+
+    def unpack(packed):
+        return packed if torch.is_tensor(packed) else packed[0].get().as_strided(*packed[1:])
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+class Sharded(torch.nn.Module):
+    """A module run as a plan says on this rank of `group`: its parameters sliced, the traced graph interpreted op
+    by op on the local shards, the plan's moves in between. Called with the full inputs (the same on every rank),
+    it returns the full outputs."""
+
+    def __init__(self, module, plan, group):
+        super().__init__()
+        g, t = plan.graph, nanosp.group_size(group)
+        if t != plan.t:
+            raise ValueError(f"the group has {t} ranks; the plan was discovered for t={plan.t}")
+        self.plan, self.group, self.rank = plan, group, nanosp.group_rank(group)
+        full = dict(module.named_parameters()) | dict(module.named_buffers())
+        self.local, self.slot = torch.nn.ParameterList(), {}
+        for v in (v for v in g.values.values() if v.kind == "parameter"):
+            w, want = full.get(v.target), g.ep.state_dict[v.target]
+            if w is None or w.shape != want.shape or w.is_meta or w.dtype != want.dtype:
+                got = "missing" if w is None else "on the meta device" if w.is_meta else f"{tuple(w.shape)} {w.dtype}"
+                raise ValueError(f"{type(module).__name__} does not fit the plan: parameter {v.target} is {got}; the "
+                                 f"plan's is {v.shape} {want.dtype}")
+            self.slot[v.name] = len(self.local)
+            self.local.append(torch.nn.Parameter(self._convert(w.detach(), v.name, plan.placements.get(v.name, R), "slice",
+                                                               "-").clone(), requires_grad=w.requires_grad))
+        specs = {s.arg.name: s.target for s in g.ep.graph_signature.input_specs}
+        self.constants = {v: full.get(target, g.ep.constants.get(target)) for v, target in specs.items()
+                          if g.values[v].kind == "constant"}
+        if any(c.is_meta for c in self.constants.values()):
+            raise ValueError(f"{type(module).__name__}'s tensor constants were traced on the meta device: discover on an "
+                             f"instance with real buffers, or make them buffers")
+        device = next(iter(self.local), torch.empty(0)).device
+        for node, outs in g.constants:  # masks, rotary tables: made whole on every rank, once
+            made = node.target(*_local(node.args, self.constants, device), **_local(node.kwargs, self.constants, device))
+            self.constants.update((o, r) for o, r in zip(outs, made if len(outs) > 1 else [made]) if o)
+        self.recipes = {v: recipe(plan.placements[v], reads, via(g, v, t)) for v, reads in plan.reads.items()}
+
+    def forward(self, *inputs):
+        g, plan, group, t = self.plan.graph, self.plan, self.group, self.plan.t
+        if [x.shape for x in inputs] != g.shapes_in:
+            raise ValueError(f"inputs of shapes {[tuple(x.shape) for x in inputs]}; the plan was discovered for "
+                             f"{[tuple(s) for s in g.shapes_in]}")
+        env, device, moved, holders = {v: self.local[i] for v, i in self.slot.items()} | self.constants, inputs[0].device, {}, {}
+        for v, x in zip(g.inputs, inputs):  # the full inputs to this rank's: not priced
+            env[v] = self._convert(x, v, plan.placements.get(v, R), "slice", "gather")
+        for op in g.ops:
+            choice, local, regather = plan.choices[op.name], {}, []
+            for x in dict.fromkeys(_nodes((op.node.args, op.node.kwargs))):
+                local[x.name], chain = self._read(x.name, read_of(g, op, choice, x.name, plan.constraint), env, moved)
+                if chain and chain[-1].name == "regather":  # keep the shard the gather started from
+                    j = max(i for i, m in enumerate(chain) if m.name in ("g", "gather"))
+                    if (x.name, chain) not in holders:
+                        holders[x.name, chain] = Regathered(moved[x.name, chain[:j]] if j else env[x.name], chain[j:-1],
+                                                            g.values[x.name].dims, g.idx.size, group)
+                    regather.append((local[x.name], holders[x.name, chain]))
+            target, args = _local_shapes(op, list(_local(op.node.args, local, device)),
+                                         [plan.placements.get(o) for o in op.outputs], g, t)
+            with _regathering(regather) if regather else contextlib.nullcontext():
+                result = target(*args, **_local(op.node.kwargs, local, device))
+            if op.kind == "mean" and choice.index in op.law.summed:
+                result = result / t  # each rank's mean is over its 1/t of the elements: a part of the mean
+            env.update((o, r) for o, r in zip(op.outputs, result if len(op.outputs) > 1 else [result]) if o)
+        outputs = []
+        for v in g.outputs:  # to the next block's placement (priced), then to the full outputs (not)
+            back = v and g.values[v].kind != "constant" and (plan.first if g.aligned and v == g.outputs[0] else
+                                                             plan.placements[v])
+            y = self._read(v, Read(back, grad_placement(back)), env, moved)[0] if back else env.get(v)
+            outputs.append(Moving.apply(y, "sum", "-", group) if back == P else
+                           self._convert(y, v, back, "gather", "slice") if back else y)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _read(self, v, rd, env, moved):
+        """Value v as an op reads it (rd): the plan's chain of moves, each shared prefix made once."""
+        g, val = self.plan.graph, self.plan.graph.values[v]
+        if val.kind == "constant":  # whole on every rank: sliced, or rank 0's as a partial sum, for free
+            how = {"S": "slice", "P": "partial"}.get(rd.placement.kind)
+            return (apply_move(env[v], Move(how, rd.placement.index), val.dims, g.idx.size, self.group) if how
+                    else env[v]), ()
+        chain = self.recipes[v][rd]
+        for n in range(1, len(chain) + 1):
+            if (v, chain[:n]) not in moved:
+                before = moved[v, chain[:n - 1]] if n > 1 else env[v]
+                moved[v, chain[:n]] = apply_move(before, chain[n - 1], val.dims, g.idx.size, self.group)
+        return (moved[v, chain] if chain else env[v]), chain
+
+    def _convert(self, x, v, p, forward, backward):
+        """A full tensor to this rank's split of it, or back (not priced)."""
+        g = self.plan.graph
+        return x if p.kind != "S" else along(x, g.values[v].dims, p.index,
+                                             lambda y: Moving.apply(y, forward, backward, self.group), g.idx.size)
+
+    def full_grads(self):
+        """Collective: {the module's parameter name: its unsharded gradient (None if it has none)}, every rank."""
+        g, out = self.plan.graph, {}
+        for v, i in self.slot.items():
+            grad = self.local[i].grad
+            if grad is not None:
+                grad = self._convert(grad.detach(), v, self.plan.placements.get(v, R), "gather", "-").clone()
+            out[g.values[v].target] = grad
+        return out
+
+def _local(args, env, device):
+    """An op's arguments on this rank: values from env, devices this rank's."""
+    if isinstance(args, (list, tuple)):
+        return type(args)(_local(a, env, device) for a in args)
+    if isinstance(args, dict):
+        return {k: device if k == "device" else _local(a, env, device) for k, a in args.items()}
+    return env[args.name] if isinstance(args, fx.Node) else args
+
+def _local_shapes(op, args, placements, g, t):
+    """The op and its arguments with the shapes in them this rank's: a view's, an expand's, a split's."""
+    def local(v, p):
+        return [math.prod(g.idx.size[f] // (t if p and f == p.index else 1) for f in d) for d in g.values[v].dims]
+    o = next(o for o in op.outputs if o)
+    if op.kind in ("view", "reshape", "_unsafe_view", "expand"):
+        args[1] = local(o, placements[0])
+    elif op.kind in ("squeeze", "unflatten"):  # a split dim may be of size 1 on a rank: as a reshape
+        return torch.ops.aten.reshape.default, [args[0], local(o, placements[0])]
+    elif op.kind in ("split", "split_with_sizes"):
+        k = named_args(op.node)["dim"] % len(g.values[o].shape)
+        sizes = [local(v, p)[k] if v else None for v, p in zip(op.outputs, placements)]
+        args[1] = sizes if op.kind == "split_with_sizes" else next(s for s in sizes if s)
+    return op.node.target, args
+
+def shard(module, plan, group):
+    """module run as `plan` on this rank of `group` (of size plan.t): a Sharded module."""
+    return Sharded(module, plan, group)
+
+# ----------------------------------------------------------------------------------------------
+# python autoshard.py: nanosp's Block, rediscovered
 
 def main():
-    parser = argparse.ArgumentParser(description="Search the shardings of one nanosp block (GPT-3 Medium's shape).")
-    for name, default in [("seq", 2048), ("batch", 1), ("hidden", 1024), ("heads", 16), ("tp", 8), ("top", 5)]:
+    parser = argparse.ArgumentParser(description="Discover the plans of one nanosp Block (GPT-3 Medium's shape).")
+    for name, default in [("seq", 2048), ("batch", 1), ("hidden", 1024), ("heads", 16), ("tp", 8)]:
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
     cfg = nanosp.GPTConfig(block_size=args.seq, n_layer=1, n_head=args.heads, n_embd=args.hidden)
-    try:
-        search = Search(cfg, args.seq, args.batch, args.tp)
-    except ValueError as e:
-        parser.error(str(e))
-    kinds = [op.kind for op in search.df.ops]
+    with torch.device("meta"):
+        block, x = nanosp.Block(cfg, None, 0).bfloat16(), torch.empty(args.seq, args.batch, args.hidden).bfloat16()
     print(f"### autoshard: one nanosp Block, s={args.seq} b={args.batch} h={args.hidden} a={args.heads} t={args.tp}, "
-          f"16-bit\n\ntorch.fx traced {len(search.df.gm.graph.nodes)} nodes; {len(kinds)} tensor ops: "
-          + ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) + ".")
+          f"16-bit, traced on the meta device\n")
     print_rules()
-    print(f"\nSearched {search.plans} plans (each weight replicated, or column- or row-parallel along any index t "
-          f"divides; the activation between blocks replicated or split along the sequence) in {search.seconds:.1f} s "
-          f"({search.cpu_seconds:.1f} s of CPU). "
-          f"MiB one rank sends per layer, forward + backward; parameters and kept activations per rank.")
-    print_search(search, args.top)
-    print_placement(search, "weights sharded", "Megatron-LM", sequence_parallel=False)
-    print_placement(search, "activations sharded too", "Sequence parallelism", sequence_parallel=True)
-    megatron, worse = search.best("weights sharded"), search.evaluate(search.plan_of(c_fc="row"), "weights sharded")
-    print(f"\nA worse plan, Megatron's with a row-parallel c_fc: {summary(search.df, worse)}; {worse.bytes:,.0f} "
-          f"bytes, {worse.bytes - megatron.bytes:,.0f} more ({worse.bytes / megatron.bytes:.2f}x).")
-
+    for constraint in CONSTRAINTS:
+        start = time.perf_counter()
+        try:
+            plan = discover(block, (x,), args.tp, dims=("T B C",), constraint=constraint)
+        except ValueError as e:
+            parser.error(str(e))
+        print(f"\n#### constraint={constraint!r}: {CONSTRAINTS[constraint]} (discovered in "
+              f"{time.perf_counter() - start:.1f} s)\n\n```\n{plan}\n```")
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@
 6. what to recompute for an activation budget: the planner's frontier, GPT-3 175B and a measured nanosp
 4. milliseconds per training step at t = 2 (two gloo CPU processes), beside the paper's Table 4
 5. on CUDA only: step times on one GPU, and each fused kernel against eager PyTorch and torch.compile
+7. autoshard's search: a Llama-7B-shaped block planned on the meta device at t = 8, and a stack of 8
 
 Tensor-parallel sizes above the number of processes are measured on one rank's shard with a
 "fake" process group: every shape and byte count is exact, the values are not.
@@ -32,12 +33,14 @@ SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12
                  flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  frontier=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=15, dropout=(16, 1024, 1024)),
-                 cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50))),
+                 cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50)),
+                 autoshard=dict(h=4096, a=32, F=11008, s=4096, stack=8)),
     "quick": dict(memory=dict(s=256, h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
                   frontier=dict(L=3, s=64, h=64, a=8, V=128, b=1),
                   time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3, dropout=(2, 64, 64)),
-                  cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3, kernels=dict(s=256, reps=5))),
+                  cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3, kernels=dict(s=256, reps=5)),
+                  autoshard=dict(h=256, a=8, F=688, s=256, stack=2)),
 }
 PAPER_MODELS = [("GPT-3 175B", dict(L=96, s=2048, h=12288, V=51200)),
                 ("MT-NLG 530B", dict(L=105, s=2048, h=20480, V=51200))]
@@ -480,10 +483,51 @@ def bench_cuda(size):
     return dict(time=rows, kernels=bench_kernels(size["kernels"]))
 
 
+def _timed_discover(autoshard, module, x, t):
+    """Seconds to trace and name the module, to search it, and to discover (both, as a user calls it), and discover's
+    CPU seconds."""
+    start = time.perf_counter()
+    g = autoshard.Graph(module, (x,))
+    traced, start = time.perf_counter() - start, time.perf_counter()
+    autoshard.solve(g, t, "weights")
+    searched, start, cpu = time.perf_counter() - start, time.perf_counter(), time.process_time()
+    autoshard.discover(module, (x,), t)
+    return traced, searched, time.perf_counter() - start, time.process_time() - cpu
+
+
+def bench_autoshard(size, t=8):
+    """autoshard.discover on one Llama block (test_autoshard's, written in plain torch) on the meta device, then on
+    a stack of them: the seconds to trace and name it, the seconds to search it, and what it found."""
+    import autoshard
+    from test_autoshard import Llama
+
+    autoshard.discover(Llama(64, 8, 96, 16), (torch.zeros(1, 16, 64),), 2)  # torch.export's first call imports much
+    h, a, F, s, n = size["h"], size["a"], size["F"], size["s"], size["stack"]
+    rows, out = [], []
+    for blocks in (1, n):
+        with torch.device("meta"):
+            module = Llama(h, a, F, s) if blocks == 1 else torch.nn.Sequential(*(Llama(h, a, F, s) for _ in range(blocks)))
+            x = torch.empty(1, s, h)
+        traced, searched, seconds, cpu = (min(r) for r in zip(*(_timed_discover(autoshard, module, x, t) for _ in range(3))))
+        plan = autoshard.discover(module, (x,), t)
+        out.append(dict(blocks=blocks, trace_s=traced, search_s=searched, discover_s=seconds, discover_cpu_s=cpu,
+                        bytes_sent=plan.bytes_sent, collectives=len(plan.collectives)))
+        rows.append((f"{blocks} block{'s' * (blocks > 1)}", f"{traced:.2f}", f"{searched:.2f}", f"{seconds:.2f}",
+                     f"{cpu:.2f}", f"{plan.bytes_sent / 2**20:,.0f}", len(plan.collectives)))
+    table(f"7. autoshard: a Llama block (h={h}, {a} heads, F={F}, s={s}, b=1) planned on the meta device at t={t}, "
+          f"best of 3 (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+          ["module", "trace and name, s", "search, s", "discover, s", "discover, CPU s", "MiB sent per rank",
+           "collectives"], rows)
+    print(f"\nThe stack of {n}: discover takes {out[1]['discover_s'] / out[0]['discover_s']:.1f}x one block's time, its "
+          f"search {out[1]['search_s'] / out[0]['search_s']:.1f}x: the repeated blocks are solved once (tracing is linear).")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, well under a minute")
     parser.add_argument("--out", default="bench.json", help="where the JSON goes")
+    parser.add_argument("--only", help="one section: memory, flops, communication, frontier, time, cuda or autoshard")
     args = parser.parse_args()
     sizes = SIZES["quick" if args.quick else "full"]
     torch.manual_seed(0)
@@ -494,7 +538,10 @@ def main():
                                 ("communication", bench_communication, (sizes["memory"], groups)),
                                 ("frontier", bench_frontier, (sizes["frontier"], groups)),
                                 ("time", bench_time, (sizes["time"],)),
-                                ("cuda", bench_cuda, (sizes["cuda"],))):
+                                ("cuda", bench_cuda, (sizes["cuda"],)),
+                                ("autoshard", bench_autoshard, (sizes["autoshard"],))):
+        if args.only not in (None, name):
+            continue
         start = time.perf_counter()
         result[name] = fn(*size_args)
         seconds[name] = time.perf_counter() - start

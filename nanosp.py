@@ -476,7 +476,7 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg, group)
 
-    def forward(self, x, fwd):
+    def forward(self, x, fwd=Forward()):  # fwd: what the forward shares with every layer (none: a layer alone)
         if self.cfg.recompute_of(self.layer) == "full":  # keeps x (and the parameters read through f)
             shared = [p for p in self.parameters() if p in fwd.shared]
             def layer(x, *params):  # the replay reads the parameters it was given, as inputs

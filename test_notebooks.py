@@ -21,7 +21,7 @@ PLOTS = {
     "01_tensor_parallel.ipynb": ["01_who_holds_what.png"],
     "02_sequence_parallel.ipynb": ["02_activation_memory_by_term.png", "02_communication.png"],
     "03_selective_recompute.ipynb": ["03_memory_vs_recompute.png", "03_loss_curves.png", "03_recompute_frontier.png"],
-    "04_autoshard.ipynb": ["04_discovered_placement.png", "04_plans.png"],
+    "04_autoshard.ipynb": ["04_discovered_placement.png", "04_llama_placement.png"],
 }
 ASSERTING = ["01_tensor_parallel.ipynb", "02_sequence_parallel.ipynb"]  # to become every notebook of PLOTS
 
