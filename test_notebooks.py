@@ -23,7 +23,7 @@ PLOTS = {
     "03_selective_recompute.ipynb": ["03_memory_vs_recompute.png", "03_loss_curves.png", "03_recompute_frontier.png"],
     "04_autoshard.ipynb": ["04_discovered_placement.png", "04_llama_placement.png"],
 }
-ASSERTING = ["01_tensor_parallel.ipynb", "02_sequence_parallel.ipynb"]  # to become every notebook of PLOTS
+ASSERTING = ["01_tensor_parallel.ipynb", "02_sequence_parallel.ipynb", "04_autoshard.ipynb"]  # to become every notebook of PLOTS
 
 
 def test_every_notebook_is_tested():
