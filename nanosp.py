@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import kernels  # fused CUDA versions of the fusable ops, and dropout's rounding of p; importing builds nothing
+
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -372,9 +374,8 @@ def dropout(x, p, key, offset):
     the mask for backward, a bool, one byte per element."""
     if key is None or p == 0.0:
         return x
-    threshold = dropout_threshold(p)
     keep = dropout_keep_mask(x.shape, p, key, offset, x.device)
-    return torch.where(keep, x * (2**16 / (2**16 - threshold)), 0.0)  # 1 / (1 - p) for the rounded p
+    return torch.where(keep, x * kernels.dropout_scale(p), 0.0)  # 1 / (1 - p) for p rounded to 2^-16
 
 def bias_dropout_add(x, bias, residual, p, key, offset):
     """residual + dropout(x + bias); bias may be None."""
@@ -392,12 +393,9 @@ REFERENCE_OPS = SimpleNamespace(bias_gelu=bias_gelu, dropout=dropout, bias_dropo
                                 causal_softmax=causal_softmax)
 
 def ops_for(x, cfg):
-    """kernels.py when cfg.fused_kernels, x is on CUDA and the kernels build; else nanosp's ops."""
-    if cfg.fused_kernels and x.is_cuda:
-        import kernels  # imported lazily: it is only needed (and only built) on CUDA
-        if kernels.available():
-            return kernels
-    return REFERENCE_OPS
+    """kernels.py when cfg.fused_kernels, x is on CUDA and the kernels build (the first call on CUDA
+    builds them); else nanosp's ops."""
+    return kernels if cfg.fused_kernels and x.is_cuda and kernels.available() else REFERENCE_OPS
 
 class Forward(NamedTuple):
     """What one forward pass shares with every layer."""
@@ -676,11 +674,6 @@ def dropout_key(seed, layer, site):
     k0 = mix32(mix32(seed & M32, (seed >> 32) & M32) ^ layer, site)
     return mix32(k0, 0x9E3779B9) << 32 | k0
 
-def dropout_threshold(p):
-    """An element is kept when its 16 hash bits are >= this: p rounded to a multiple of 2^-16; an
-    element is kept with probability exactly 1 - threshold / 2^16."""
-    return min(round(p * 2**16), 2**16 - 1)
-
 def dropout_keep_mask(shape, p, key, offset, device=None):
     """Which elements dropout keeps. Element i of the local tensor (row-major) is element offset + i
     of the site's global tensor, so a shard of any cut draws its slice of the unsharded mask. One
@@ -697,4 +690,4 @@ def dropout_keep_mask(shape, p, key, offset, device=None):
         # int16 is signed: each half's top bit is flipped, which keeps the order, shifted down by 2^15
         bits[start - first:end - first] = h ^ 0x80008000  # int64 -> int32, the same 32 bits
     halves = bits.view(torch.int16)  # the low half first (little-endian, as everywhere torch runs)
-    return (halves[offset % 2:][:numel] >= dropout_threshold(p) - 2**15).view(shape)
+    return (halves[offset % 2:][:numel] >= kernels.dropout_threshold(p) - 2**15).view(shape)  # p rounded to 2^-16

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import kernels
 import ledgers
 import nanosp
 from nanosp import GPT, GPTConfig
@@ -810,7 +811,7 @@ N_STAT = 1 << 20  # statistics over a million mask elements: 5 standard errors i
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
 def test_keep_rate_is_1_minus_p(p):
     keep = nanosp.dropout_keep_mask((N_STAT,), p, nanosp.dropout_key(3, 4, 1), 12345).double()
-    exact = 1 - nanosp.dropout_threshold(p) / 2**16  # p rounded to a multiple of 2^-16
+    exact = 1 - kernels.dropout_threshold(p) / 2**16  # p rounded to a multiple of 2^-16
     assert abs(exact - (1 - p)) <= 2**-17
     assert abs(keep.mean().item() - exact) < 5 * (exact * (1 - exact) / N_STAT) ** 0.5
     # and the scale makes dropout unbiased: the mean of dropout(ones) is 1
