@@ -751,8 +751,10 @@ def flat_tensors(tree, prefix=""):
 
 def accepted(train, options):
     """None if train.py takes these options, else its one-line complaint."""
+    import checks
+
     try:
-        train.check_options(train.parse_args(options))
+        checks.check_options(train.parse_args(options))
     except (train.Usage, SystemExit) as e:
         return str(e)
     return None

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checks
 import guards
 import ledgers
 import nanosp
@@ -328,7 +329,7 @@ def adamw_by_hand(text):
     w = {name: p.detach().clone() for name, p in model.named_parameters()}  # seed 0's initial weights
     m = {name: torch.zeros_like(p) for name, p in w.items()}
     v = {name: torch.zeros_like(p) for name, p in w.items()}
-    data, logged = train.load_data(text, None)[0], {}
+    data, logged = checks.read_data(text, None, longest=32)[0], {}
     for step in (1, 2):
         x, y = train.get_batch(data, 8, 32, train.batch_seed(0, step, "train"))
         model.load_full_state_dict(w)
@@ -415,8 +416,8 @@ def test_kill_and_resume_reproduces_the_run(text, tmp_path):
     run([*common, "--out-dir", straight], nproc=2)
     run([*common, "--out-dir", cut, "--stop-after", 6], nproc=2)
     # a process killed between torch.save and os.replace: its temp file is left behind
-    crash = (f"import os, train; os.replace = lambda *a: os._exit(9); "
-             f"train.write_atomic({str(cut / 'ckpt.pt')!r}, b'junk')")
+    crash = (f"import os, guards; os.replace = lambda *a: os._exit(9); "
+             f"guards.write_atomic({str(cut / 'ckpt.pt')!r}, b'junk')")
     assert subprocess.run([sys.executable, "-c", crash], cwd=HERE, env=ENV).returncode == 9
     assert any(name.startswith(".ckpt-") for name in os.listdir(cut))
     shutil.copytree(cut, other_t)
@@ -625,7 +626,7 @@ def test_bad_file_fails_on_every_rank(trained, text, tmp_path, monkeypatch):
     assert said.startswith(f"train.py: error: checkpoint {out / 'ckpt.pt'} cannot be loaded") and said.count("\n") == 1
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(train.time, "sleep", lambda seconds: None)  # torchrun is not here to stop it
+    monkeypatch.setattr(guards.time, "sleep", lambda seconds: None)  # torchrun is not here to stop it
     assert error_of(argv).startswith(f"train.py: error: rank 1: checkpoint {out / 'ckpt.pt'} cannot be")
 
 
@@ -894,8 +895,7 @@ def test_diverging_run_stops_before_the_bad_step_and_keeps_the_checkpoint(text, 
     assert ckpt["step"] == kept == last - last % 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
     assert strict_json(guards.json_line({"loss": math.nan, "val_loss": -math.inf, "lr": 0.5})) == {
         "loss": None, "val_loss": None, "lr": 0.5}
-    guard = guards.StepGuard(guards.StopSignals(), start=8)
-    guard.signals.restore()
+    guard = guards.StepGuard(guards.StopSignals(), start=8)  # (its handlers are not installed)
     with pytest.raises(guards.Diverged, match="step 9: the weights are not all finite"):
         guard.check_weights({"w": torch.tensor([1.0, math.inf])}, 9)
 
