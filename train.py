@@ -102,6 +102,8 @@ def parse_args(argv=None):
     a("--tp", type=int, help="tensor-parallel size t, dividing the world size (default: all ranks)")
     a("--sequence-parallel", action="store_true")
     a("--recompute", choices=nanosp.RECOMPUTE_MODES, help="for every layer (default none)")
+    a("--attention", choices=nanosp.ATTENTIONS, help="the core attention written out, or F.scaled_dot_product_"
+      "attention (no dropout); default explicit, or the checkpoint's")
     a("--activation-budget", type=byte_size, metavar="SIZE",
       help="per rank, e.g. 2GiB: before each step, recompute the fewest FLOPs whose activations fit "
            "(ledgers.plan_recompute); re-planned whenever the batch length changes")
@@ -350,9 +352,11 @@ def model_config(args, ckpt, ckpt_path, pretrained):
                 raise Usage(f"{source} has {key}={decided[key]}, but {key}={given[key]} was given; drop the "
                             f"option" + (" or use another --out-dir" if ckpt is not None else ""))
         shape = {k: decided[k] for k in SHAPE_KEYS}
+    # the attention a resumed run used, unless --attention says otherwise (the weights are the same)
+    attention = args.attention or (ckpt["config"].get("attention", "explicit") if ckpt is not None else "explicit")
     try:
         return nanosp.GPTConfig(**shape, dropout=args.dropout, sequence_parallel=args.sequence_parallel,
-                                recompute=args.recompute or "none")
+                                recompute=args.recompute or "none", attention=attention)
     except ValueError as e:
         raise Usage(f"checkpoint {ckpt_path}: {e}" if ckpt is not None else e) from None
 
@@ -762,9 +766,12 @@ def train(run):
     stop = args.max_steps if args.stop_after is None else min(args.max_steps, args.stop_after)
     recompute = f"for {args.activation_budget:,} bytes" if run.plans else cfg.recompute
     lengths = "/".join(map(str, run.seq_lens))
-    say(f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={recompute}, "
-        f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {lengths} tokens in "
-        f"{args.grad_accum} micro-steps, {run.device}, {args.dtype}")
+    say(f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={recompute} "
+        f"attention={cfg.attention}, {cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {lengths} "
+        f"tokens in {args.grad_accum} micro-steps, {run.device}, {args.dtype}")
+    for T, plan in run.plans.items():  # what the planner saw (with sdpa: selective has little to save)
+        if plan.note:
+            say(f"T={T}: {plan.note}")
     timer, tokens, timed_steps = 0.0, 0, 0
     for step in range(start + 1, stop + 1):
         t0 = time.perf_counter()
