@@ -36,7 +36,7 @@ SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12
                  flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  frontier=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=15, dropout=(16, 1024, 1024)),
-                 floor=dict(L=4, s=256, h=256, a=8, V=8192, b=8, reps=9),
+                 floor=dict(L=4, s=256, h=256, a=8, V=8192, b=8, reps=15),
                  cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50))),
     "quick": dict(memory=dict(s=256, h=128, a=8, b=1), attention=dict(seqs=(128, 256), h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
@@ -286,8 +286,8 @@ def bench_frontier(size, groups):
     rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, measured",
                           small, t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
     # the fused attention (no dropout): selective has only the log-sum-exp left to save
-    fused = {name: nanosp.GPTConfig(**{**c.__dict__, "dropout": 0.0, "attention": "sdpa"}) for name, c in (("gpt3", gpt3),
-                                                                                                        ("small", small))}
+    fused = {name: nanosp.GPTConfig(**{**c.__dict__, "dropout": 0.0, "attention": "sdpa"})
+             for name, c in (("gpt3", gpt3), ("small", small))}
     rows += frontier_rows(f"GPT-3 175B, t={t}, SP, sdpa, analytic", fused["gpt3"], t, 1, big["s"], torch.bfloat16,
                           big["V"], shown=12, measure_group=False)
     rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, sdpa, measured",

@@ -4,9 +4,10 @@
 
 1. Activation memory (Korthikanti et al. 2022, Table 2): the bytes autograd saves during one
    layer's forward, counted with saved_tensors_hooks, beside the formula sbh(34 + 5as/h) and its
-   tensor-, sequence-parallel and recompute variants.
+   tensor-, sequence-parallel and recompute variants; the core attention written out or fused.
 2. FLOPs (the paper's Appendix A): one training step counted by FlopCounterMode, beside the exact
-   count of the matrix multiplies nanosp runs and the paper's 72BLsh^2(1 + s/6h + V/12hL).
+   count of the matrix multiplies nanosp runs and the paper's 72BLsh^2(1 + s/6h + V/12hL); what
+   one layer computes twice.
 3. What to recompute for a memory budget: every layer's costs known exactly, the per-layer plan
    with the fewest recomputed FLOPs that fits (`plan_recompute`).
 4. Communication: every collective of one layer, forward and backward, logged by wrapping
@@ -83,10 +84,14 @@ def measure_activation_bytes(cfg, group=None, batch=1, seq=None, dtype=torch.bfl
 
     Counted with saved_tensors_hooks: each storage once, floating elements of `dtype` at 2 bytes as
     in the paper's 16-bit accounting (paper_bytes=False: at their size), other floats (SDPA's float32
-    log-sum-exp) at their size, bool masks at 1 byte, parameters excluded. Layer i recomputes as cfg.recompute_of(i) says. Returns (total, rows)
-    with rows [(where, shape, dtype, bytes)]; `where` is the sub-module that was running when the
-    tensor was saved. With kernels.py on CUDA the residual-dropout masks are regenerated rather
-    than stored, and this comes in under the formula.
+    log-sum-exp) at their size, bool masks at 1 byte, parameters excluded. Layer i recomputes as
+    cfg.recompute_of(i) says. Returns (total, rows) with rows [(where, shape, dtype, bytes)]; `where`
+    is the sub-module that was running when the tensor was saved. With kernels.py on CUDA the
+    residual-dropout masks are regenerated rather than stored, and this comes in under the formula.
+    With attention="sdpa" on CUDA the flash kernel (bf16, fp16) also keeps its Philox seed and
+    offset, two 8-byte scalars: 16 bytes a layer over layer_activation_bytes; the memory-efficient
+    kernel (float32) pads its log-sum-exp to a multiple of 32 rows, and float64 takes the math path,
+    which keeps the s^2 tensors.
     """
     blocks, x = _layers_and_input(cfg, group, batch, seq or cfg.block_size, dtype, device, n_layer)
     parameters = {p.untyped_storage().data_ptr() for p in blocks.parameters()}
@@ -236,8 +241,8 @@ def recompute_costs(cfg, t, B, T, dtype):
     """{mode: (activation bytes, recomputed FLOPs)} of one layer on one rank."""
     float_bytes = torch.empty((), dtype=dtype).element_size()
     return {m: (layer_activation_bytes(T, B, cfg.n_embd, cfg.n_head, t, cfg.sequence_parallel, m, cfg.dropout > 0,
-                                       float_bytes, cfg.attention), recompute_flops(B, T, cfg.n_embd, m, cfg.attention) // t)
-            for m in nanosp.RECOMPUTE_MODES}
+                                       float_bytes, cfg.attention),
+                recompute_flops(B, T, cfg.n_embd, m, cfg.attention) // t) for m in nanosp.RECOMPUTE_MODES}
 
 
 def plan_of(costs, modes):
@@ -271,8 +276,8 @@ def plan_recompute(cfg, t, B, T, dtype, budget):
     note = ""
     if cfg.attention == "sdpa":  # the fused kernel stores no s^2 tensor: what is left for selective
         note = (f"attention='sdpa' keeps no s^2 tensor: selective recompute saves only the kernel's log-sum-exp, "
-                f"{none_bytes - selective_bytes:,} of {none_bytes:,} bytes a layer, for {selective_flops - none_flops:,} "
-                f"more FLOPs; full recompute is what saves memory")
+                f"{none_bytes - selective_bytes:,} of {none_bytes:,} bytes a layer, for "
+                f"{selective_flops - none_flops:,} more FLOPs; full recompute is what saves memory")
     return plan_of(costs, counted_modes(L, *best[1:]))._replace(note=note)
 
 

@@ -448,8 +448,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
         qkv = self.c_attn(x)  # (T, B, 3C/t)
         T, B, d = qkv.shape[0], qkv.shape[1], self.head_dim
-        if self.cfg.attention == "sdpa":  # (T, B a/t, d) in memory, like SDPA's output: c_proj's (T, B, C/t) input
-            q, k, v = rearrange(qkv, "T B (three a d) -> three T (B a) d", three=3, d=d).transpose(1, 2)[:, None]
+        if self.cfg.attention == "sdpa":  # (1, B a/t, T, d), laid out (T, B a/t, d) like SDPA's output: c_proj's input
+            q, k, v = (z.contiguous().view(T, -1, d).transpose(0, 1)[None] for z in qkv.chunk(3, dim=-1))
             attend, heads = fused_attention, "1 (B a) T d"
         else:  # heads outermost: this rank's probabilities are one block of the unsharded (a, B, T, T) ones
             q, k, v = rearrange(qkv, "T B (three a d) -> three (a B) T d", three=3, d=d)

@@ -200,8 +200,8 @@ def configurations(draw):
     attention = draw(st.sampled_from(nanosp.ATTENTIONS))
     return dict(
         t=t, sequence_parallel=sp, recompute=recompute, attention=attention,  # sdpa takes no dropout
-        dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)), seq=seq,
-        block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
+        dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)),
+        seq=seq, block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
         n_embd=n_head * draw(st.sampled_from([2, 4, 8])),
         vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
         n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
@@ -652,7 +652,8 @@ def test_layer_flops_count_what_is_computed_twice():
     B, s, h = 2, 32, 64
     for attention in nanosp.ATTENTIONS:
         for mode in nanosp.RECOMPUTE_MODES:
-            cfg = GPTConfig(vocab_size=16, block_size=s, n_layer=1, n_head=4, n_embd=h, recompute=mode, attention=attention)
+            cfg = GPTConfig(vocab_size=16, block_size=s, n_layer=1, n_head=4, n_embd=h, recompute=mode,
+                            attention=attention)
             forward, total = ledgers.count_layer_flops(cfg, batch=B)
             assert forward == ledgers.layer_forward_flops(B, s, h)
             assert total - 3 * forward == ledgers.recompute_flops(B, s, h, mode, attention), (attention, mode)
