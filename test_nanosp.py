@@ -202,7 +202,9 @@ def configurations(draw):
         t=t, sequence_parallel=sp, recompute=recompute, attention=attention,  # sdpa takes no dropout
         dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)),
         seq=seq, block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
-        n_embd=n_head * draw(st.sampled_from([2, 4, 8])),
+        # n_embd >= 4: a LayerNorm over 2 features outputs +-1 (up to its eps) whatever its input, so the
+        # gradients below it are cancellations, which two different attention kernels round differently
+        n_embd=n_head * draw(st.sampled_from([2, 4, 8] if n_head > 1 else [4, 8])),
         vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
         n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
 
