@@ -474,13 +474,13 @@ def equivalence_case(case, group, device):
 
     dtype = getattr(torch, case["dtype"])
     shape = {k: v for k, v in EQUIVALENCE.items() if k != "batch"}
-    extra = {"attention": case["attention"]} if case["attention"] != "explicit" else {}
     dropout = 0.0 if case["attention"] == "sdpa" else 0.1  # SDPA would draw its masks from torch's RNG
     cfg = nanosp.GPTConfig(**shape, block_size=case["T"] + 3, dropout=dropout, recompute=case["recompute"],
                            sequence_parallel=case["sequence_parallel"], seed=case["seed"],
-                           fused_kernels=dtype != torch.float64, **extra)
+                           fused_kernels=dtype != torch.float64, attention=case["attention"])
     model = nanosp.GPT(cfg, group).to(device, dtype)
-    reference = nanosp.GPT(dataclasses.replace(cfg, sequence_parallel=False, recompute="none")).double()
+    unsharded = dataclasses.replace(cfg, sequence_parallel=False, recompute="none", attention="explicit")
+    reference = nanosp.GPT(unsharded).double()
     sd = {name: w.to(dtype).double() for name, w in unit_scale_state_dict(reference.full_shapes(), cfg.seed).items()}
     model.load_full_state_dict(sd)
     reference.load_full_state_dict(sd)
@@ -566,7 +566,7 @@ def part_equivalence(rec, p):
     import nanosp
 
     cuda = torch.cuda.is_available()
-    modes = getattr(nanosp, "ATTENTIONS", ("explicit",))  # the written-out attention, and the fused one
+    modes = nanosp.ATTENTIONS  # the written-out attention, and the fused one
     backend = p.backend if p.backend != "auto" else "nccl" if cuda and torch.cuda.device_count() >= 2 else "gloo"
     cases = equivalence_cases(modes, p.dry)
     for case in cases:
@@ -774,12 +774,11 @@ def activation_ledger(options, device):
     cfg = train.model_config(args, None, None, None)
     B, T, dtype = args.batch_size, args.seq_len, torch.bfloat16
     rows = []
-    for attention in getattr(nanosp, "ATTENTIONS", ("explicit",)):
-        extra = {} if attention == "explicit" else {"attention": attention}
+    for attention in nanosp.ATTENTIONS:
         predicted = cfg.n_layer * ledgers.layer_activation_bytes(T, B, cfg.n_embd, cfg.n_head, 1, False, "none",
-                                                                 cfg.dropout > 0, dtype.itemsize, **extra)
+                                                                 cfg.dropout > 0, dtype.itemsize, attention=attention)
         for fused in (True, False):
-            variant = dataclasses.replace(cfg, fused_kernels=fused, **extra)
+            variant = dataclasses.replace(cfg, fused_kernels=fused, attention=attention)
             measured, _ = ledgers.measure_activation_bytes(variant, None, B, T, dtype, device=device,
                                                            paper_bytes=False, n_layer=cfg.n_layer)
             ops = "kernels.py" if nanosp.ops_for(torch.empty(0, device=device), variant) is not nanosp.REFERENCE_OPS \

@@ -68,9 +68,9 @@ def summary(run):
     args, cfg = run.args, run.cfg
     recompute = f"for {args.activation_budget:,} bytes" if run.plans else cfg.recompute
     lengths = "/".join(map(str, run.seq_lens))
-    return (f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={recompute}, "
-            f"{cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {lengths} tokens in "
-            f"{args.grad_accum} micro-steps, {run.device}, {args.dtype}")
+    return (f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={recompute} "
+            f"attention={cfg.attention}, {cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {lengths} "
+            f"tokens in {args.grad_accum} micro-steps, {run.device}, {args.dtype}")
 
 
 def progress_line(r, max_steps, planned=False):

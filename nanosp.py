@@ -9,9 +9,9 @@ in one GPT you can read top to bottom. The three ideas, and where they live:
    Transformer Models"). LayerNorm and dropout, which tensor parallelism leaves replicated, run on
    T/t sequence shards: f becomes g (all-gather / reduce-scatter), f̄ becomes ḡ (reduce-scatter /
    all-gather); the same bytes on the wire, t times less of those activations. `sequence_parallel`.
-3. Selective activation recomputation (same paper). Only the core attention (QK^T, softmax,
-   dropout, .V), large to store and cheap to recompute, is recomputed in backward. `recompute=`
-   "selective", "full" (keep only each layer's input), or one mode per layer. "recomputation".
+3. Selective activation recomputation (same paper). Only the core attention (QK^T, softmax, dropout,
+   .V), large to store and cheap to recompute, is recomputed in backward: `recompute=` "selective",
+   "full" (keep each layer's input only) or one per layer; `attention="sdpa"` fuses it. "recomputation".
 
 Reading order: config, the four collectives, parallel layers, recomputation, the fusable ops,
 attention / MLP / block, GPT, state dicts; then the dropout hash, a detail the model calls.
@@ -41,6 +41,7 @@ import kernels  # fused CUDA versions of the fusable ops, and dropout's rounding
 # config
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+ATTENTIONS = ("explicit", "sdpa")  # the core attention written out, or F.scaled_dot_product_attention
 
 @dataclasses.dataclass
 class GPTConfig:
@@ -53,6 +54,7 @@ class GPTConfig:
     bias: bool = True
     sequence_parallel: bool = False
     recompute: Union[str, tuple] = "none"  # "none" | "selective" | "full", or one of them per layer
+    attention: str = "explicit"  # "explicit": QK^T, softmax, dropout, .V, its s^2 terms visible; "sdpa": fused
     seed: int = 0  # seeds the initial weights and the dropout masks
     fused_kernels: bool = True  # use kernels.py when the tensors are on CUDA
 
@@ -73,6 +75,10 @@ class GPTConfig:
         for mode in (self.recompute,) if isinstance(self.recompute, str) else self.recompute:
             if mode not in RECOMPUTE_MODES:
                 raise ValueError(f"recompute={mode!r} is not one of {RECOMPUTE_MODES}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
+        if self.attention == "sdpa" and self.dropout > 0:  # SDPA's masks: PyTorch's RNG, not nanosp's hash
+            raise ValueError(f"attention='sdpa' takes no dropout (dropout={self.dropout}): use attention='explicit'")
 
     def recompute_of(self, layer):
         return self.recompute if isinstance(self.recompute, str) else self.recompute[layer]
@@ -88,8 +94,7 @@ class GPTConfig:
         if not 1 <= T <= self.block_size:
             raise ValueError(f"sequence length T={T} must be in [1, block_size={self.block_size}]")
         if self.sequence_parallel and T % t:
-            lower, upper = T // t * t, (T // t + 1) * t
-            fits = " or ".join(str(n) for n in (lower, upper) if 0 < n <= self.block_size)
+            fits = " or ".join(str(n) for n in (T // t * t, (T // t + 1) * t) if 0 < n <= self.block_size)
             raise ValueError(f"sequence length T={T} is not divisible by the tensor-parallel size t={t}, "
                              f"which sequence_parallel needs; T={fits or f'a multiple of {t}'} would fit")
 
@@ -116,8 +121,7 @@ def group_size(group):
 def group_rank(group):
     return 0 if group is None else dist.get_rank(group)
 
-# torch 2.13 names these all_gather_single / reduce_scatter_single; earlier releases, *_tensor.
-# With async_op the helpers return (out, work) at once, out ready after work.wait().
+# all_gather_single / reduce_scatter_single from torch 2.13 (*_tensor before); with async_op: (out, work).
 _all_gather_into = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_into = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
@@ -205,10 +209,9 @@ def g_bar(x, group):
 # parallel layers
 
 class LinearWithSequenceGather(torch.autograd.Function):
-    """g fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b. Unfused, the linear
-    would save the gathered (T, B, C) input for its weight gradient; this saves the (T/t, B, C)
-    shard and gathers it again in backward: one more all-gather, and the paper's 10 + 24/t bytes
-    per sbh become 34/t."""
+    """g fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b. Unfused, the linear would save
+    the gathered (T, B, C) input for its weight gradient; this saves the (T/t, B, C) shard and gathers it
+    again in backward: one more all-gather, and the paper's 10 + 24/t bytes per sbh become 34/t."""
 
     @staticmethod
     def forward(ctx, x_shard, weight, bias, group):
@@ -287,7 +290,6 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, vocab_size, dim, group):
         super().__init__()
-        self.vocab_size, self.group = vocab_size, group
         self.per_rank = -(-vocab_size // group_size(group))  # ceil(V / t)
         self.start = group_rank(group) * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
@@ -318,20 +320,21 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
     log(sum_v exp(z_v - m)) - (z_target - m), each sum reduced by f̄, whose identity backward is
     right: every rank computes the same loss. Targets -1 and -100 are ignored (all ignored: 0)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
-    n = logits.shape[-1]
-    vocab_ids = torch.arange(vocab_start, vocab_start + n, device=logits.device)
-    logits = logits.masked_fill(vocab_ids >= vocab_size, float("-inf"))  # padding never reaches the loss
+    n, valid = logits.shape[-1], targets >= 0
+    if group_size(group) == 1:  # the whole vocabulary, no padding: PyTorch's fused log-softmax and NLL
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=-1), ignore_index=-1, reduction="sum")
+        return nll / valid.sum().clamp(min=1)
+    if vocab_start + n > vocab_size:  # padding rows here: they never reach the loss
+        logits = logits.masked_fill(torch.arange(n, device=logits.device) >= vocab_size - vocab_start, float("-inf"))
     with torch.no_grad():  # the max only stabilises exp; its gradient cancels
         m = logits.max(dim=-1).values  # (T, B)
-        if group_size(group) > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - m[..., None]
     sum_exp = f_bar(shifted.exp().sum(dim=-1), group)  # (T, B)
     local_target = targets - vocab_start
     mine = (local_target >= 0) & (local_target < n)
     picked = shifted.gather(-1, local_target.clamp(0, n - 1)[..., None])[..., 0]
     target_logit = f_bar(picked.masked_fill(~mine, 0.0), group)  # (T, B)
-    valid = targets >= 0
     return (sum_exp.log() - target_logit)[valid].sum() / valid.sum().clamp(min=1)
 
 
@@ -354,7 +357,6 @@ class Recompute(torch.autograd.Function):
         inputs = [x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
         with torch.enable_grad():
             outputs = ctx.fn(*inputs)
-        outputs = (outputs,) if torch.is_tensor(outputs) else outputs
         torch.autograd.backward(outputs, grads)  # parameter gradients accumulate here
         return (None, *(x.grad for x in inputs))
 
@@ -379,9 +381,7 @@ def dropout(x, p, key, offset):
 
 def bias_dropout_add(x, bias, residual, p, key, offset):
     """residual + dropout(x + bias); bias may be None."""
-    if bias is not None:
-        x = x + bias
-    return residual + dropout(x, p, key, offset)
+    return residual + dropout(x if bias is None else x + bias, p, key, offset)
 
 def causal_softmax(scores, scale):
     """softmax(scores * scale + causal mask) over the last dim. scores: (a/t B, T, T)."""
@@ -430,6 +430,11 @@ def core_attention(q, k, v, ops, p, key, offset):
     probs = ops.dropout(probs, p, key, offset)  # saves the mask: as^2b/t (one byte each)
     return torch.bmm(probs, v)  # (a/t B, T, d); saves dropout out 2as^2b/t and V 2sbh/t
 
+# The same, fused: PyTorch's FlashAttention kernel (its CPU port on a CPU) on (1, B a/t, T, d) never stores the
+# s^2 tensors and recomputes QK^T in its backward; it saves Q, K, V, its output (c_proj's input too) and one
+# float32 log-sum-exp per head and row: 4asb/t bytes.
+fused_attention = partial(F.scaled_dot_product_attention, is_causal=True)
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, group, layer):
         super().__init__()
@@ -441,17 +446,18 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
         qkv = self.c_attn(x)  # (T, B, 3C/t)
-        q, k, v = rearrange(qkv, "T B (three a d) -> three (a B) T d", three=3, d=self.head_dim)
-        T, B = qkv.shape[0], qkv.shape[1]
-        # the probabilities are laid out (a, B, T, T) with heads outermost: this rank's heads are one
-        # contiguous block of the unsharded tensor, starting at element first_head * B T T
-        attend = partial(core_attention, ops=fwd.ops, p=self.cfg.dropout,
-                         key=fwd.dropout_key(self.layer, SITE_ATTN_PROBS), offset=self.first_head * B * T * T)
-        if self.cfg.recompute_of(self.layer) == "selective":
-            y = Recompute.apply(attend, q, k, v)  # keeps Q, K, V; recomputes the s^2 part
-        else:
-            y = attend(q, k, v)
-        y = rearrange(y, "(a B) T d -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
+        T, B, d = qkv.shape[0], qkv.shape[1], self.head_dim
+        if self.cfg.attention == "sdpa":  # (1, B a/t, T, d), laid out (T, B a/t, d) like SDPA's output: c_proj's input
+            q, k, v = (z.contiguous().view(T, -1, d).transpose(0, 1)[None] for z in qkv.chunk(3, dim=-1))
+            attend, heads = fused_attention, "1 (B a) T d"
+        else:  # heads outermost: this rank's probabilities are one block of the unsharded (a, B, T, T) ones
+            q, k, v = rearrange(qkv, "T B (three a d) -> three (a B) T d", three=3, d=d)
+            attend = partial(core_attention, ops=fwd.ops, p=self.cfg.dropout, offset=self.first_head * B * T * T,
+                             key=fwd.dropout_key(self.layer, SITE_ATTN_PROBS))
+            heads = "(a B) T d"
+        selective = self.cfg.recompute_of(self.layer) == "selective"  # keeps Q, K, V; recomputes the s^2 part
+        y = Recompute.apply(attend, q, k, v) if selective else attend(q, k, v)
+        y = rearrange(y, f"{heads} -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
         return self.c_proj(y, fwd)  # (T/t or T, B, C), bias
 
 class MLP(nn.Module):
@@ -461,8 +467,7 @@ class MLP(nn.Module):
         self.c_proj = RowParallelLinear(4 * cfg.n_embd, cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
 
     def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
-        h = self.c_fc(x, add_bias=False)  # (T, B, 4C/t)
-        h = fwd.ops.bias_gelu(h, self.c_fc.bias)  # saves the GeLU input: 8sbh/t
+        h = fwd.ops.bias_gelu(self.c_fc(x, add_bias=False), self.c_fc.bias)  # (T, B, 4C/t); saves its input: 8sbh/t
         return self.c_proj(h, fwd)  # saves the GeLU output: 8sbh/t; returns (T/t or T, B, C), bias
 
 class Block(nn.Module):
@@ -549,27 +554,24 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         self.check_input(idx, targets)
-        cfg, group, sp = self.cfg, self.group, self.cfg.sequence_parallel
-        T, t, rank = idx.shape[1], self.tp_size, self.tp_rank
+        cfg, group, sp, rank = self.cfg, self.group, self.cfg.sequence_parallel, self.tp_rank
         fwd = Forward(ops_for(idx, cfg), self.next_dropout_seed(), replicated_through_f(self, group, sp))
 
         x = self.wte(idx.T)  # (T, B, C), each rank's partial: only its vocabulary rows
         if sp:
             x = g_bar(x, group)  # (T/t, B, C)
-            positions = torch.arange(rank * T // t, (rank + 1) * T // t, device=idx.device)
         else:
             x = f_bar(x, group)  # (T, B, C)
-            positions = torch.arange(T, device=idx.device)
+        positions = torch.arange(x.shape[0], device=idx.device) + (rank * x.shape[0] if sp else 0)  # this rank's rows
         x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]
-        key = fwd.dropout_key(cfg.n_layer, SITE_EMBED)
-        x = fwd.ops.dropout(x, cfg.dropout, key, x.numel() * rank if sp else 0)
+        x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), x.numel() * rank if sp else 0)
         for block in self.h:
             x = block(x, fwd)
         x = self.ln_f(x, fwd)
         logits = column_parallel_linear(x, self.wte.weight, None, group, sp)  # (T, B, V'/t), tied head
         if targets is not None:
             return None, vocab_parallel_cross_entropy(logits, targets.T, self.wte.start, cfg.vocab_size, group)
-        if t > 1:
+        if self.tp_size > 1:
             logits = GatherFromVocabRegion.apply(logits, group)  # (T, B, V')
         return logits[..., :cfg.vocab_size].transpose(0, 1), None  # (B, T, V)
 
@@ -596,14 +598,13 @@ class GPT(nn.Module):
     def full_tensor(self, name, local):
         """Collective: every rank's shard of `name` -> the unsharded tensor (a new one) on every rank."""
         if name not in self.shard_dims or self.tp_size == 1:
-            full = local.clone()
-        else:
-            dim, chunks = self.shard_dims[name]
-            parts = []
-            for chunk in local.chunk(chunks, dim):  # each of q, k, v, or the whole tensor
-                parts += [torch.empty_like(chunk) for _ in range(self.tp_size)]
-                dist.all_gather(parts[-self.tp_size:], chunk.contiguous(), group=self.group)
-            full = torch.cat(parts, dim)
+            return local.clone()
+        dim, chunks = self.shard_dims[name]
+        parts = []
+        for chunk in local.chunk(chunks, dim):  # each of q, k, v, or the whole tensor
+            parts += [torch.empty_like(chunk) for _ in range(self.tp_size)]
+            dist.all_gather(parts[-self.tp_size:], chunk.contiguous(), group=self.group)
+        full = torch.cat(parts, dim)
         return full[: self.cfg.vocab_size] if name == "wte.weight" else full
 
     @torch.no_grad()

@@ -149,7 +149,8 @@ def make_batch(cfg, batch, seq, seed, ignore=True):
 
 
 def unsharded_twin(cfg):
-    plain = GPTConfig(**{**cfg.__dict__, "sequence_parallel": False, "recompute": "none"})
+    """The reference: unsharded, no recomputation, the core attention written out."""
+    plain = GPTConfig(**{**cfg.__dict__, "sequence_parallel": False, "recompute": "none", "attention": "explicit"})
     return GPT(plain).double()
 
 
@@ -211,11 +212,14 @@ def configurations(draw):
     n_layer = draw(st.integers(1, 3))
     mode = st.sampled_from(nanosp.RECOMPUTE_MODES)
     recompute = draw(mode | st.lists(mode, min_size=n_layer, max_size=n_layer))  # one for all, or per layer
+    attention = draw(st.sampled_from(nanosp.ATTENTIONS))
     return dict(
-        t=t, sequence_parallel=sp, recompute=recompute,
-        dropout=draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)), seq=seq,
-        block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
-        n_embd=n_head * draw(st.sampled_from([2, 4, 8])),
+        t=t, sequence_parallel=sp, recompute=recompute, attention=attention,  # sdpa takes no dropout
+        dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)),
+        seq=seq, block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
+        # n_embd >= 4: a LayerNorm over 2 features outputs +-1 (up to its eps) whatever its input, so the
+        # gradients below it are cancellations, which two different attention kernels round differently
+        n_embd=n_head * draw(st.sampled_from([2, 4, 8] if n_head > 1 else [4, 8])),
         vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
         n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
 
@@ -644,6 +648,8 @@ def test_errors_under_a_group(world):
     (dict(recompute=None), ["recompute=None"]),
     (dict(dropout=1.0), ["dropout=1.0", "[0, 1)"]),
     (dict(n_layer=0), ["n_layer=0"]),
+    (dict(attention="flash"), ["attention='flash'", "'sdpa'"]),
+    (dict(attention="sdpa", dropout=0.1), ["attention='sdpa'", "dropout=0.1", "attention='explicit'"]),
 ])
 def test_config_errors(kwargs, words):
     with pytest.raises(ValueError) as info:
@@ -859,17 +865,33 @@ def test_activation_bytes_match_table_2(world, t):
         assert 1.0 <= row["ratio"] < 1.03, row
 
 
-def test_training_flops_are_counted_exactly():
+@pytest.mark.parametrize("attention", nanosp.ATTENTIONS)
+def test_training_flops_are_counted_exactly(attention):
     B, L, s, h, V = 2, 2, 32, 64, 64
     counted = {}
     for mode in nanosp.RECOMPUTE_MODES:
-        cfg = GPTConfig(vocab_size=V, block_size=s, n_layer=L, n_head=4, n_embd=h, recompute=mode)
+        cfg = GPTConfig(vocab_size=V, block_size=s, n_layer=L, n_head=4, n_embd=h, recompute=mode, attention=attention)
         counted[mode] = ledgers.count_training_flops(cfg, B)
-        assert counted[mode] == ledgers.exact_training_flops(B, L, s, h, V, mode)
-    assert counted["none"] == ledgers.paper_training_flops(B, L, s, h, V, "none")
-    assert counted["full"] == round(ledgers.paper_training_flops(B, L, s, h, V, "full"))
+        assert counted[mode] == ledgers.exact_training_flops(B, L, s, h, V, mode, attention)
+    # the fused kernel's backward computes QK^T again: 2Bs^2h per layer more than the written-out one
+    fused = 2 * B * s**2 * h * L if attention == "sdpa" else 0
+    assert counted["none"] - fused == ledgers.paper_training_flops(B, L, s, h, V, "none")
+    assert counted["full"] - fused == round(ledgers.paper_training_flops(B, L, s, h, V, "full"))
     # selective recompute reruns the forward of QK^T and .V: 4Bs^2h per layer
     assert counted["selective"] - counted["none"] == 4 * B * s**2 * h * L
+
+
+def test_layer_flops_count_what_is_computed_twice():
+    """One layer, counted: what it computes twice (counted forward + backward minus 3x its forward)
+    is 0 written out, 2Bs^2h/t fused (QK^T in SDPA's backward), +4Bs^2h/t selective, the forward full."""
+    B, s, h = 2, 32, 64
+    for attention in nanosp.ATTENTIONS:
+        for mode in nanosp.RECOMPUTE_MODES:
+            cfg = GPTConfig(vocab_size=16, block_size=s, n_layer=1, n_head=4, n_embd=h, recompute=mode,
+                            attention=attention)
+            forward, total = ledgers.count_layer_flops(cfg, batch=B)
+            assert forward == ledgers.layer_forward_flops(B, s, h)
+            assert total - 3 * forward == ledgers.recompute_flops(B, s, h, mode, attention), (attention, mode)
 
 
 def task_layer_bytes(ctx, t, cases):
@@ -882,7 +904,7 @@ def task_layer_bytes(ctx, t, cases):
                                                        dtype, paper_bytes=False, n_layer=cfg.n_layer)
         expected = sum(ledgers.layer_activation_bytes(cfg.block_size, case["batch"], cfg.n_embd, cfg.n_head, t,
                                                       cfg.sequence_parallel, cfg.recompute_of(i), cfg.dropout > 0,
-                                                      dtype.itemsize) for i in range(cfg.n_layer))
+                                                      dtype.itemsize, cfg.attention) for i in range(cfg.n_layer))
         results.append((measured, expected))
     return results
 
@@ -891,10 +913,10 @@ def task_layer_bytes(ctx, t, cases):
 def layer_shapes(draw, t):
     n_layer = draw(st.integers(1, 3))
     n_head = t * draw(st.integers(1, 2))
-    sp = draw(st.booleans())
+    sp, attention = draw(st.booleans()), draw(st.sampled_from(nanosp.ATTENTIONS))
     return dict(cfg=dict(vocab_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 8])),
                          block_size=t * draw(st.integers(1, 6)) if sp else draw(st.integers(1, 12)), sequence_parallel=sp,
-                         dropout=draw(st.sampled_from([0.0, 0.1])),
+                         attention=attention, dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.1])),
                          recompute=draw(st.lists(st.sampled_from(nanosp.RECOMPUTE_MODES), min_size=n_layer, max_size=n_layer))),
                 batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(["bfloat16", "float32", "float64"])))
 
@@ -920,10 +942,11 @@ def brute_force_plan(costs, n_layer, budget):
 @settings(max_examples=200)
 @given(n_layer=st.integers(1, 5), t=st.sampled_from([1, 2, 4, 8]), sp=st.booleans(), dropout=st.sampled_from([0.0, 0.1]),
        B=st.integers(1, 4), T=st.sampled_from([8, 64, 512, 2048]), h_per_head=st.sampled_from([8, 64, 128]),
-       dtype=st.sampled_from([torch.bfloat16, torch.float32]), fraction=st.floats(0, 1.2))
-def test_planner_equals_brute_force(n_layer, t, sp, dropout, B, T, h_per_head, dtype, fraction):
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]), fraction=st.floats(0, 1.2),
+       attention=st.sampled_from(nanosp.ATTENTIONS))
+def test_planner_equals_brute_force(n_layer, t, sp, dropout, B, T, h_per_head, dtype, fraction, attention):
     cfg = GPTConfig(vocab_size=64, block_size=T, n_layer=n_layer, n_head=2 * t, n_embd=2 * t * h_per_head,
-                    sequence_parallel=sp, dropout=dropout)
+                    sequence_parallel=sp, dropout=0.0 if attention == "sdpa" else dropout, attention=attention)
     costs = ledgers.recompute_costs(cfg, t, B, T, dtype)
     most = n_layer * costs["none"][0]
     budget = int(fraction * most)
@@ -935,6 +958,22 @@ def test_planner_equals_brute_force(n_layer, t, sp, dropout, B, T, h_per_head, d
     plan = ledgers.plan_recompute(cfg, t, B, T, dtype, budget)
     assert (plan.recompute_flops, plan.activation_bytes) == best
     assert len(plan.modes) == n_layer and plan.activation_bytes == sum(costs[m][0] for m in plan.modes)
+
+
+def test_planner_says_what_selective_saves_under_sdpa():
+    """With the fused kernel, selective recompute has only the log-sum-exp left to save (4 bytes per
+    head and row, against 5as^2b/t written out); the planner's plan says so."""
+    a, h, T, B, t = 8, 512, 2048, 1, 4
+    for attention in nanosp.ATTENTIONS:
+        cfg = GPTConfig(vocab_size=64, block_size=T, n_layer=4, n_head=a, n_embd=h, sequence_parallel=True,
+                        attention=attention)
+        costs = ledgers.recompute_costs(cfg, t, B, T, torch.bfloat16)
+        saved = costs["none"][0] - costs["selective"][0]
+        plan = ledgers.plan_recompute(cfg, t, B, T, torch.bfloat16, 4 * costs["none"][0])
+        if attention == "sdpa":
+            assert saved == 4 * a * T * B // t and f"saves only the kernel's log-sum-exp, {saved:,} of" in plan.note
+        else:
+            assert saved == a * T * T * B // t * 2 and plan.note == ""  # softmax output, bf16, without dropout
 
 
 def task_plan_is_measured_within_budget(ctx, t, fractions):

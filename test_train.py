@@ -395,6 +395,26 @@ def test_activation_budget_replans_as_the_batch_length_changes(text, tmp_path):
     assert f"T 32: {got[2]['recompute']}" in printed
 
 
+def test_attention_sdpa_trains_and_resumes_with_the_checkpoints_choice(text, tmp_path):
+    """--attention sdpa learns what the written-out attention does (float32: to round-off); the
+    checkpoint keeps the choice and a resume without --attention continues with it, bit for bit;
+    with --activation-budget the planner says what selective recompute has left to save."""
+    common = [*SMALL, "--data", text, "--steps", 6, "--eval-interval", 3, "--lr", 3e-3]
+    run([*common, "--out-dir", tmp_path / "explicit"])
+    assert "attention=sdpa," in run([*common, "--attention", "sdpa", "--out-dir", tmp_path / "sdpa"]).stdout
+    run([*common, "--attention", "sdpa", "--stop-after", 3, "--out-dir", tmp_path / "cut"])
+    assert load_ckpt(tmp_path / "cut")["config"]["attention"] == "sdpa"
+    assert "attention=sdpa," in run([*common, "--resume", "--out-dir", tmp_path / "cut"]).stdout
+    explicit, sdpa, cut = (read_log(tmp_path / name) for name in ("explicit", "sdpa", "cut"))
+    assert [cut[s]["loss"] for s in range(1, 7)] == [sdpa[s]["loss"] for s in range(1, 7)]
+    assert max(abs(sdpa[s]["loss"] - explicit[s]["loss"]) for s in range(1, 7)) < 1e-4
+    weights = [load_ckpt(tmp_path / name)["model"] for name in ("explicit", "sdpa")]
+    assert 0 < max(rel_err(weights[1][k], w) for k, w in weights[0].items()) < 1e-4  # another kernel ran
+    printed = run([*common, "--attention", "sdpa", "--steps", 1, "--activation-budget", "1MiB",
+                   "--out-dir", tmp_path / "planned"]).stdout
+    assert "T=32: attention='sdpa' keeps no s^2 tensor: selective recompute saves only the kernel's" in printed
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--activation-budget", "1000"], "--activation-budget 1,000: no recompute plan fits"),
     (["--activation-budget", "2GiB", "--recompute", "full"], "--activation-budget chooses what to recompute"),
@@ -519,6 +539,8 @@ BAD_OPTIONS = [  # (options, what the one line must say)
     (["--timeout", -3], "--timeout -3.0"),
     (["--timeout", "inf"], "--timeout inf"),
     (["--dropout", 1], "--dropout 1.0 must be in [0, 1)"),
+    (["--attention", "sdpa", "--dropout", 0.1], "attention='sdpa' takes no dropout (dropout=0.1)"),
+    (["--attention", "flash"], "argument --attention: invalid choice: 'flash'"),
     (["--dropout", -0.1], "--dropout -0.1"),
     (["--weight-decay", -0.1], "--weight-decay -0.1 must be a finite number >= 0"),
     (["--grad-clip", -1], "--grad-clip -1.0 must be a finite number >= 0"),

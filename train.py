@@ -85,6 +85,8 @@ def parse_args(argv=None):
     a("--tp", type=int, help="tensor-parallel size t, dividing the world size (default: all ranks)")
     a("--sequence-parallel", action="store_true")
     a("--recompute", choices=nanosp.RECOMPUTE_MODES, help="for every layer (default none)")
+    a("--attention", choices=nanosp.ATTENTIONS, help="the core attention written out, or F.scaled_dot_product_"
+      "attention (no dropout); default explicit, or the checkpoint's")
     a("--activation-budget", type=byte_size, metavar="SIZE",
       help="per rank, e.g. 2GiB: before each step, recompute the fewest FLOPs whose activations fit "
            "(ledgers.plan_recompute); re-planned whenever the batch length changes")
@@ -172,9 +174,11 @@ def model_config(args, ckpt, ckpt_path, pretrained):
                 raise Usage(f"{source} has {key}={decided[key]}, but {key}={given[key]} was given; drop the "
                             f"option" + (" or use another --out-dir" if ckpt is not None else ""))
         shape = {k: decided[k] for k in SHAPE_KEYS}
+    # the attention a resumed run used, unless --attention says otherwise (the weights are the same)
+    attention = args.attention or (ckpt["config"].get("attention", "explicit") if ckpt is not None else "explicit")
     try:
         return nanosp.GPTConfig(**shape, dropout=args.dropout, sequence_parallel=args.sequence_parallel,
-                                recompute=args.recompute or "none", fused_kernels=args.kernels)
+                                recompute=args.recompute or "none", attention=attention, fused_kernels=args.kernels)
     except ValueError as e:
         raise Usage(f"checkpoint {ckpt_path}: {e}" if ckpt is not None else e) from None
 
@@ -455,6 +459,9 @@ def train(run):
     start = resume(run, model, masters, optimizer)
     stop = args.max_steps if args.stop_after is None else min(args.max_steps, args.stop_after)
     say(run, metrics.summary(run))
+    for T, plan in run.plans.items():  # what the planner saw (with sdpa: selective has little to save)
+        if plan.note:
+            say(run, f"T={T}: {plan.note}")
     guard = guards.StepGuard(run.signals, start)
     with guards.open_log(args.out_dir, start, run.rank, args.timeout) as log:
         meter = metrics.Metrics(run, model, log)
