@@ -3,15 +3,19 @@
     python bench.py              # CPU, a few minutes: markdown tables on stdout, bench.json beside them
     python bench.py --quick      # small sizes, well under a minute (what test_bench.py runs)
 
-1. activation memory per layer, measured beside the paper's Table 2, at t = 1, 2, 4, 8
-1b. Table 2's sequence-parallel rows beside the fused attention (sdpa): bytes, and FLOPs computed twice
+1. activation memory: 1a per layer, measured beside the paper's Table 2, at t = 1, 2, 4, 8; 1b Table 2's
+   sequence-parallel rows beside the fused attention (sdpa): bytes, and FLOPs computed twice
 2. FLOPs of a training step with none / selective / full recompute, counted beside Appendix A
-3. bytes on the wire per layer for TP and TP+SP, collective by collective
+3. bytes on the wire per layer for TP and TP+SP: 3a collective by collective, 3b by what they move
+4. time on CPU: 4a milliseconds per training step at t = 2 (two gloo processes), beside the paper's
+   Table 4; 4b nanosp's dropout against F.dropout; 4c nanosp's training step at t = 1 against the
+   floor, the same arithmetic as bare PyTorch calls
+5. on CUDA only: 5a step times on one GPU, 5b each fused kernel against eager PyTorch and torch.compile
 6. what to recompute for an activation budget: the planner's frontier, GPT-3 175B and a measured nanosp
-4. milliseconds per training step at t = 2 (two gloo CPU processes), beside the paper's Table 4
-4c. nanosp's training step at t = 1 against the floor: the same arithmetic as bare PyTorch calls
-5. on CUDA only: step times on one GPU, and each fused kernel against eager PyTorch and torch.compile
 7. autoshard's search: a Llama-7B-shaped block planned on the meta device at t = 8, and a stack of 8
+
+`python bench.py --only NAME` runs one section: memory (1a), attention (1b), flops, communication,
+time (4a, 4b), floor (4c), cuda, frontier or autoshard.
 
 Tensor-parallel sizes above the number of processes are measured on one rank's shard with a
 "fake" process group: every shape and byte count is exact, the values are not.
@@ -82,7 +86,7 @@ def fake_groups(ts):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. activation memory (Table 2)
+# 1a. activation memory (Table 2)
 
 
 def bench_memory(size, groups):
@@ -94,7 +98,7 @@ def bench_memory(size, groups):
         for r in measured:
             rows.append(dict(r, t=t, vs_tp=by_name["tensor parallel"] / r["measured"],
                              vs_none=by_name["no parallelism"] / r["measured"]))
-    table(f"1. Activation memory per layer (Table 2): s={s} b={b} h={size['h']} a={size['a']}, "
+    table(f"1a. Activation memory per layer (Table 2): s={s} b={b} h={size['h']} a={size['a']}, "
           f"5as/h={5 * size['a'] * s // size['h']}, bf16, dropout 0.1; t > 1 measured on one rank's "
           f"shard with a fake process group",
           ["configuration", "t", "measured bytes", "formula bytes", "ratio", "reduction vs TP",
@@ -243,70 +247,7 @@ def bench_communication(size, groups):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. what to recompute for a memory budget
-
-
-def frontier(cfg, t, B, T, dtype):
-    """The planner's choice for budgets from no recompute down to full recompute of every layer:
-    the bytes of n layers moved from none to selective, then of n layers from selective to full."""
-    costs, L = ledgers.recompute_costs(cfg, t, B, T, dtype), cfg.n_layer
-    counts = [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]  # (full, selective)
-    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.plan_of(costs, ledgers.counted_modes(L, *c)).activation_bytes)
-             for c in counts]
-    return list(dict.fromkeys(plans))  # in order, without repeats
-
-
-STATIC = {"none": "static: none", "selective": "static: selective (the paper's choice)", "full": "static: full"}
-
-
-def frontier_rows(name, cfg, t, B, T, dtype, V, shown=None, measure_group=None):
-    """One row per plan on the frontier (every `shown`-th, and the static choices), with the
-    recompute overhead as a share of the step's FLOPs; measured by the activation ledger if asked."""
-    step_flops = ledgers.exact_training_flops(B, cfg.n_layer, T, cfg.n_embd, V, attention=cfg.attention) / t
-    rows = []
-    for i, plan in enumerate(frontier(cfg, t, B, T, dtype)):
-        static = next((label for m, label in STATIC.items() if plan.modes == (m,) * cfg.n_layer), "")
-        if shown and i % shown and not static:
-            continue
-        row = dict(model=name, plan=str(plan), static=static, activation_bytes=plan.activation_bytes,
-                   recompute_flops=plan.recompute_flops, overhead=plan.recompute_flops / step_flops, measured=None)
-        if measure_group is not False:
-            variant = nanosp.GPTConfig(**{**cfg.__dict__, "recompute": plan.modes})
-            row["measured"] = ledgers.measure_activation_bytes(variant, measure_group, B, T, dtype, paper_bytes=False,
-                                                               n_layer=cfg.n_layer)[0]
-        rows.append(row)
-    return rows
-
-
-def bench_frontier(size, groups):
-    big = PAPER_MODELS[0][1]
-    gpt3 = nanosp.GPTConfig(vocab_size=big["V"], block_size=big["s"], n_layer=big["L"], n_head=96, n_embd=big["h"],
-                            dropout=0.1, sequence_parallel=True)
-    small = config(size, sequence_parallel=True)
-    t = max(groups)
-    rows = frontier_rows(f"GPT-3 175B, t={t}, SP, analytic", gpt3, t, 1, big["s"], torch.bfloat16, big["V"],
-                         shown=12, measure_group=False)
-    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, measured",
-                          small, t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
-    # the fused attention (no dropout): selective has only the log-sum-exp left to save
-    fused = {name: nanosp.GPTConfig(**{**c.__dict__, "dropout": 0.0, "attention": "sdpa"})
-             for name, c in (("gpt3", gpt3), ("small", small))}
-    rows += frontier_rows(f"GPT-3 175B, t={t}, SP, sdpa, analytic", fused["gpt3"], t, 1, big["s"], torch.bfloat16,
-                          big["V"], shown=12, measure_group=False)
-    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, sdpa, measured",
-                          fused["small"], t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
-    table("6. What to recompute for an activation budget: the planner's choice as the budget shrinks, bf16, "
-          "dropout 0.1 (sdpa: 0); bytes per rank saved by all layers, recompute FLOPs as a share of the step's "
-          "(sdpa: its kernel's QK^T in backward included)",
-          ["model", "plan", "", "activation bytes", "measured bytes", "recompute overhead"],
-          [(r["model"], r["plan"], r["static"], f"{r['activation_bytes']:,}",
-            "-" if r["measured"] is None else f"{r['measured']:,}", f"{100 * r['overhead']:.2f}%") for r in rows])
-    print(f"\nThe planner, sdpa: {ledgers.plan_recompute(fused['gpt3'], t, 1, big['s'], torch.bfloat16, 2**40).note}.")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. time per training step (Table 4)
+# 4. time on CPU: 4a per training step (Table 4), 4b dropout, 4c against a bare-PyTorch floor
 
 
 def time_steps(models, idx, reps, sync, cpu=None):
@@ -384,7 +325,7 @@ def time_table(title, columns, paper):
 
 def bench_time(size):
     columns = run_world(2, _time_worker, (size,), timeout=400)
-    rows = time_table(f"4. Time per training step, forward + backward, t=2 (two gloo CPU processes, one thread "
+    rows = time_table(f"4a. Time per training step, forward + backward, t=2 (two gloo CPU processes, one thread "
                       f"each): L={size['L']} s={size['s']} h={size['h']} a={size['a']} b={size['b']} float32; "
                       f"median of {size['reps']} interleaved rounds; ratio to TP", columns, PAPER_TABLE4)
     print("\nTP+SP sends the activation bytes of TP plus the backward re-gather (table 3b), over gloo here; the "
@@ -392,6 +333,30 @@ def bench_time(size):
           "forward all-gather cannot. Selective recompute reruns the attention's softmax and dropout, which on "
           "a CPU cost about what its matmuls do.")
     return dict(steps=rows, dropout=bench_dropout(size["dropout"], size["reps"]))
+
+
+def bench_dropout(shape, reps):
+    """nanosp.dropout (the hashed mask, and applying it) against torch's F.dropout on the same CPU
+    tensor, one thread: attention probabilities (a/t b, s, s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(shape)
+    key = nanosp.dropout_key(1, 2, nanosp.SITE_ATTN_PROBS)
+    ms = {}
+    for name, fn in (("F.dropout", lambda: torch.nn.functional.dropout(x, 0.1, training=True)),
+                     ("nanosp.dropout", lambda: nanosp.dropout(x, 0.1, key, 0)),
+                     ("nanosp.dropout_keep_mask", lambda: nanosp.dropout_keep_mask(x.shape, 0.1, key, 0))):
+        times = []
+        for _ in range(reps + 1):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        ms[name] = statistics.median(times[1:])
+    torch.set_num_threads(threads)
+    table(f"4b. Dropout on the attention probabilities {tuple(x.shape)} ({x.numel():,} elements, float32, one "
+          f"thread), median of {reps}", ["op", "ms", "ratio to F.dropout"],
+          [(name, f"{t:.1f}", f"{t / ms['F.dropout']:.2f}") for name, t in ms.items()])
+    return ms
 
 
 def floor_loss(w, idx, targets, n_layer, n_head, attention):
@@ -458,30 +423,6 @@ def bench_floor(size):
           [(r["attention"], f"{r['nanosp']:.1f}", f"{r['floor']:.1f}", f"{r['ratio']:.3f}", f"{r['cpu_nanosp']:.1f}",
             f"{r['cpu_floor']:.1f}", f"{r['cpu_ratio']:.3f}", f"{r['loss_difference']:.1e}") for r in rows])
     return dict(rows=rows, load=[load, os.getloadavg()[0]])
-
-
-def bench_dropout(shape, reps):
-    """nanosp.dropout (the hashed mask, and applying it) against torch's F.dropout on the same CPU
-    tensor, one thread: attention probabilities (a/t b, s, s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    x = torch.randn(shape)
-    key = nanosp.dropout_key(1, 2, nanosp.SITE_ATTN_PROBS)
-    ms = {}
-    for name, fn in (("F.dropout", lambda: torch.nn.functional.dropout(x, 0.1, training=True)),
-                     ("nanosp.dropout", lambda: nanosp.dropout(x, 0.1, key, 0)),
-                     ("nanosp.dropout_keep_mask", lambda: nanosp.dropout_keep_mask(x.shape, 0.1, key, 0))):
-        times = []
-        for _ in range(reps + 1):
-            start = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - start))
-        ms[name] = statistics.median(times[1:])
-    torch.set_num_threads(threads)
-    table(f"4b. Dropout on the attention probabilities {tuple(x.shape)} ({x.numel():,} elements, float32, one "
-          f"thread), median of {reps}", ["op", "ms", "ratio to F.dropout"],
-          [(name, f"{t:.1f}", f"{t / ms['F.dropout']:.2f}") for name, t in ms.items()])
-    return ms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,6 +553,73 @@ def bench_cuda(size):
     return dict(time=rows, kernels=bench_kernels(size["kernels"]))
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. what to recompute for a memory budget
+
+
+def frontier(cfg, t, B, T, dtype):
+    """The planner's choice for budgets from no recompute down to full recompute of every layer:
+    the bytes of n layers moved from none to selective, then of n layers from selective to full."""
+    costs, L = ledgers.recompute_costs(cfg, t, B, T, dtype), cfg.n_layer
+    counts = [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]  # (full, selective)
+    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.plan_of(costs, ledgers.counted_modes(L, *c)).activation_bytes)
+             for c in counts]
+    return list(dict.fromkeys(plans))  # in order, without repeats
+
+
+STATIC = {"none": "static: none", "selective": "static: selective (the paper's choice)", "full": "static: full"}
+
+
+def frontier_rows(name, cfg, t, B, T, dtype, V, shown=None, measure_group=None):
+    """One row per plan on the frontier (every `shown`-th, and the static choices), with the
+    recompute overhead as a share of the step's FLOPs; measured by the activation ledger if asked."""
+    step_flops = ledgers.exact_training_flops(B, cfg.n_layer, T, cfg.n_embd, V, attention=cfg.attention) / t
+    rows = []
+    for i, plan in enumerate(frontier(cfg, t, B, T, dtype)):
+        static = next((label for m, label in STATIC.items() if plan.modes == (m,) * cfg.n_layer), "")
+        if shown and i % shown and not static:
+            continue
+        row = dict(model=name, plan=str(plan), static=static, activation_bytes=plan.activation_bytes,
+                   recompute_flops=plan.recompute_flops, overhead=plan.recompute_flops / step_flops, measured=None)
+        if measure_group is not False:
+            variant = nanosp.GPTConfig(**{**cfg.__dict__, "recompute": plan.modes})
+            row["measured"] = ledgers.measure_activation_bytes(variant, measure_group, B, T, dtype, paper_bytes=False,
+                                                               n_layer=cfg.n_layer)[0]
+        rows.append(row)
+    return rows
+
+
+def bench_frontier(size, groups):
+    big = PAPER_MODELS[0][1]
+    gpt3 = nanosp.GPTConfig(vocab_size=big["V"], block_size=big["s"], n_layer=big["L"], n_head=96, n_embd=big["h"],
+                            dropout=0.1, sequence_parallel=True)
+    small = config(size, sequence_parallel=True)
+    t = max(groups)
+    rows = frontier_rows(f"GPT-3 175B, t={t}, SP, analytic", gpt3, t, 1, big["s"], torch.bfloat16, big["V"],
+                         shown=12, measure_group=False)
+    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, measured",
+                          small, t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
+    # the fused attention (no dropout): selective has only the log-sum-exp left to save
+    fused = {name: nanosp.GPTConfig(**{**c.__dict__, "dropout": 0.0, "attention": "sdpa"})
+             for name, c in (("gpt3", gpt3), ("small", small))}
+    rows += frontier_rows(f"GPT-3 175B, t={t}, SP, sdpa, analytic", fused["gpt3"], t, 1, big["s"], torch.bfloat16,
+                          big["V"], shown=12, measure_group=False)
+    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, sdpa, measured",
+                          fused["small"], t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
+    table("6. What to recompute for an activation budget: the planner's choice as the budget shrinks, bf16, "
+          "dropout 0.1 (sdpa: 0); bytes per rank saved by all layers, recompute FLOPs as a share of the step's "
+          "(sdpa: its kernel's QK^T in backward included)",
+          ["model", "plan", "", "activation bytes", "measured bytes", "recompute overhead"],
+          [(r["model"], r["plan"], r["static"], f"{r['activation_bytes']:,}",
+            "-" if r["measured"] is None else f"{r['measured']:,}", f"{100 * r['overhead']:.2f}%") for r in rows])
+    print(f"\nThe planner, sdpa: {ledgers.plan_recompute(fused['gpt3'], t, 1, big['s'], torch.bfloat16, 2**40).note}.")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. autoshard's search
+
+
 def _timed_discover(autoshard, module, x, t):
     """Seconds to trace and name the module, to search it, and to discover (both, as a user calls it), and discover's
     CPU seconds."""
@@ -656,7 +664,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, well under a minute")
     parser.add_argument("--out", default="bench.json", help="where the JSON goes")
-    parser.add_argument("--only", help="one section: memory, flops, communication, frontier, time, cuda or autoshard")
+    parser.add_argument("--only", help="one section: memory, attention, flops, communication, time, floor, cuda, "
+                                       "frontier or autoshard")
     args = parser.parse_args()
     sizes = SIZES["quick" if args.quick else "full"]
     torch.manual_seed(0)
@@ -666,10 +675,10 @@ def main():
                                 ("attention", bench_attention, (sizes["attention"], groups)),
                                 ("flops", bench_flops, (sizes["flops"],)),
                                 ("communication", bench_communication, (sizes["memory"], groups)),
-                                ("frontier", bench_frontier, (sizes["frontier"], groups)),
                                 ("time", bench_time, (sizes["time"],)),
                                 ("floor", bench_floor, (sizes["floor"],)),
                                 ("cuda", bench_cuda, (sizes["cuda"],)),
+                                ("frontier", bench_frontier, (sizes["frontier"], groups)),
                                 ("autoshard", bench_autoshard, (sizes["autoshard"],))):
         if args.only not in (None, name):
             continue

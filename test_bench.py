@@ -14,8 +14,8 @@ def test_bench_quick(tmp_path):
     run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
-    for title in ("### 1. Activation memory", "### 1b.", "### 2. FLOPs", "### 3a.", "### 3b.", "### 4. Time", "### 4c.",
-                  "### 5", "### 6.", "### 7. autoshard"):
+    for title in ("### 1a. Activation memory", "### 1b.", "### 2. FLOPs", "### 3a.", "### 3b.", "### 4a. Time", "### 4b.",
+                  "### 4c.", "### 5", "### 6.", "### 7. autoshard"):
         assert title in run.stdout, f"{title!r} missing from:\n{run.stdout}"
     result = json.loads(out.read_text())
 
