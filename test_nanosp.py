@@ -170,6 +170,31 @@ def sharded_and_twin(ctx, t, case):
     return cfg, batch, seq, model, reference
 
 
+@st.composite
+def configurations(draw):
+    t = draw(st.sampled_from([1, 2, 3, 4]))
+    sp = draw(st.booleans())
+    n_head = t * draw(st.integers(1, 2))
+    seq = t * draw(st.integers(1, 3)) if sp else draw(st.integers(1, 9))
+    n_layer = draw(st.integers(1, 3))
+    mode = st.sampled_from(nanosp.RECOMPUTE_MODES)
+    recompute = draw(mode | st.lists(mode, min_size=n_layer, max_size=n_layer))  # one for all, or per layer
+    attention = draw(st.sampled_from(nanosp.ATTENTIONS))
+    return dict(
+        t=t, sequence_parallel=sp, recompute=recompute, attention=attention,  # sdpa takes no dropout
+        dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)),
+        seq=seq, block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
+        # n_embd >= 4: a LayerNorm over 2 features outputs +-1 (up to its eps) whatever its input, so the
+        # gradients below it are cancellations, which two different attention kernels round differently
+        n_embd=n_head * draw(st.sampled_from([2, 4, 8] if n_head > 1 else [4, 8])),
+        vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
+        n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
+
+
+# ----------------------------------------------------------------------------------------------
+# equivalence
+
+
 def task_equivalence(ctx, t, steps=2, **case):
     """Logits, loss and every gradient (gathered) of the t-way model against the unsharded model,
     then the full weights after `steps` AdamW steps. Returns the worst relative errors."""
@@ -201,31 +226,6 @@ def task_equivalence(ctx, t, steps=2, **case):
     full, full_ref = model.full_state_dict(), reference.full_state_dict()
     errors["weights"] = max(rel_err(full[n], full_ref[n]) for n in full_ref)
     return errors
-
-
-@st.composite
-def configurations(draw):
-    t = draw(st.sampled_from([1, 2, 3, 4]))
-    sp = draw(st.booleans())
-    n_head = t * draw(st.integers(1, 2))
-    seq = t * draw(st.integers(1, 3)) if sp else draw(st.integers(1, 9))
-    n_layer = draw(st.integers(1, 3))
-    mode = st.sampled_from(nanosp.RECOMPUTE_MODES)
-    recompute = draw(mode | st.lists(mode, min_size=n_layer, max_size=n_layer))  # one for all, or per layer
-    attention = draw(st.sampled_from(nanosp.ATTENTIONS))
-    return dict(
-        t=t, sequence_parallel=sp, recompute=recompute, attention=attention,  # sdpa takes no dropout
-        dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)),
-        seq=seq, block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
-        # n_embd >= 4: a LayerNorm over 2 features outputs +-1 (up to its eps) whatever its input, so the
-        # gradients below it are cancellations, which two different attention kernels round differently
-        n_embd=n_head * draw(st.sampled_from([2, 4, 8] if n_head > 1 else [4, 8])),
-        vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
-        n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
-
-
-# ----------------------------------------------------------------------------------------------
-# equivalence
 
 
 @settings(max_examples=int(os.environ.get("NANOSP_EXAMPLES", 60)))
@@ -350,24 +350,6 @@ def _transformers_reference(cfg, sd, idx, targets, ignore_index):
     return logits.detach(), loss.detach(), grads
 
 
-def task_against_transformers(ctx, t, case, sd, idx, targets, want):
-    """Rank's logits, loss and every gathered gradient against transformers' (`want`): unsharded
-    on rank 0 when t = 1, else the t-way model. Returns the worst relative errors."""
-    group = None if t == 1 else ctx.group(t)
-    if (t == 1 and ctx.rank) or (t > 1 and group is None):
-        return None
-    model = GPT(GPTConfig(**case), group).double()
-    model.load_full_state_dict(sd)
-    logits, _ = model(idx)
-    _, loss = model(idx, targets)
-    loss.backward()
-    logits_want, loss_want, grads_want = want
-    errors = {"logits": rel_err(logits, logits_want), "loss": rel_err(loss, loss_want)}
-    for name, p in model.named_parameters():
-        errors[name] = rel_err(model.full_tensor(name, p.grad), grads_want[name])
-    return errors
-
-
 @st.composite
 def transformers_cases(draw):
     """configurations() without dropout, with a share of ignored targets (nanosp's -1 or PyTorch's
@@ -392,6 +374,24 @@ def sequence_parallel_case(t, recompute, **changes):
 MIXED = ("full", "selective", "none")
 # besides the drawn cases: t = 2 and 4 with SP under each recompute mode and a per-layer mix
 SP_CASES = [sequence_parallel_case(t, recompute) for t in (2, 4) for recompute in (*nanosp.RECOMPUTE_MODES, MIXED)]
+
+
+def task_against_transformers(ctx, t, case, sd, idx, targets, want):
+    """Rank's logits, loss and every gathered gradient against transformers' (`want`): unsharded
+    on rank 0 when t = 1, else the t-way model. Returns the worst relative errors."""
+    group = None if t == 1 else ctx.group(t)
+    if (t == 1 and ctx.rank) or (t > 1 and group is None):
+        return None
+    model = GPT(GPTConfig(**case), group).double()
+    model.load_full_state_dict(sd)
+    logits, _ = model(idx)
+    _, loss = model(idx, targets)
+    loss.backward()
+    logits_want, loss_want, grads_want = want
+    errors = {"logits": rel_err(logits, logits_want), "loss": rel_err(loss, loss_want)}
+    for name, p in model.named_parameters():
+        errors[name] = rel_err(model.full_tensor(name, p.grad), grads_want[name])
+    return errors
 
 
 @settings(max_examples=int(os.environ.get("NANOSP_EXAMPLES", 60)) // 3)
@@ -484,19 +484,6 @@ def test_a_loss_on_the_gathered_logits_backpropagates(world, case):
 # the known traps
 
 
-def task_sp_parameter_grads(ctx, summed, recompute="none"):
-    """Under SP, LayerNorm weights (ln_f too), row-parallel biases and the position embedding see
-    one sequence shard per rank. With `summed=False` the f that sums their gradients is removed,
-    to show this test catches the trap."""
-    real = nanosp.replicated_through_f
-    if not summed:
-        nanosp.replicated_through_f = lambda module, group, sequence_parallel: {}
-    try:
-        return _sp_parameter_grad_errors(ctx, recompute)
-    finally:
-        nanosp.replicated_through_f = real
-
-
 def _sp_parameter_grad_errors(ctx, recompute):
     """Two micro-batches accumulate their gradients, as train.py's --grad-accum does; each backward
     sums the replicated parameters' gradients in one all-reduce, counted by the collective log."""
@@ -517,6 +504,19 @@ def _sp_parameter_grad_errors(ctx, recompute):
     errors = {n: rel_err(dict(model.named_parameters())[n].grad, ref[n].grad) for n in names}
     sums = [n for _, operator, op, n in log if operator == "CopyToTensorParallelRegion.backward"]
     return errors, sums
+
+
+def task_sp_parameter_grads(ctx, summed, recompute="none"):
+    """Under SP, LayerNorm weights (ln_f too), row-parallel biases and the position embedding see
+    one sequence shard per rank. With `summed=False` the f that sums their gradients is removed,
+    to show this test catches the trap."""
+    real = nanosp.replicated_through_f
+    if not summed:
+        nanosp.replicated_through_f = lambda module, group, sequence_parallel: {}
+    try:
+        return _sp_parameter_grad_errors(ctx, recompute)
+    finally:
+        nanosp.replicated_through_f = real
 
 
 @pytest.mark.parametrize("recompute", nanosp.RECOMPUTE_MODES)
@@ -894,6 +894,18 @@ def test_layer_flops_count_what_is_computed_twice():
             assert total - 3 * forward == ledgers.recompute_flops(B, s, h, mode, attention), (attention, mode)
 
 
+@st.composite
+def layer_shapes(draw, t):
+    n_layer = draw(st.integers(1, 3))
+    n_head = t * draw(st.integers(1, 2))
+    sp, attention = draw(st.booleans()), draw(st.sampled_from(nanosp.ATTENTIONS))
+    return dict(cfg=dict(vocab_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 8])),
+                         block_size=t * draw(st.integers(1, 6)) if sp else draw(st.integers(1, 12)), sequence_parallel=sp,
+                         attention=attention, dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.1])),
+                         recompute=draw(st.lists(st.sampled_from(nanosp.RECOMPUTE_MODES), min_size=n_layer, max_size=n_layer))),
+                batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(["bfloat16", "float32", "float64"])))
+
+
 def task_layer_bytes(ctx, t, cases):
     """Every saved byte of n_layer layers, measured, against layer_activation_bytes summed."""
     results = []
@@ -907,18 +919,6 @@ def task_layer_bytes(ctx, t, cases):
                                                       dtype.itemsize, cfg.attention) for i in range(cfg.n_layer))
         results.append((measured, expected))
     return results
-
-
-@st.composite
-def layer_shapes(draw, t):
-    n_layer = draw(st.integers(1, 3))
-    n_head = t * draw(st.integers(1, 2))
-    sp, attention = draw(st.booleans()), draw(st.sampled_from(nanosp.ATTENTIONS))
-    return dict(cfg=dict(vocab_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 8])),
-                         block_size=t * draw(st.integers(1, 6)) if sp else draw(st.integers(1, 12)), sequence_parallel=sp,
-                         attention=attention, dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.1])),
-                         recompute=draw(st.lists(st.sampled_from(nanosp.RECOMPUTE_MODES), min_size=n_layer, max_size=n_layer))),
-                batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(["bfloat16", "float32", "float64"])))
 
 
 @settings(max_examples=5)
