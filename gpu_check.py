@@ -419,9 +419,9 @@ class _Done:
 class HostStaged:
     """torch.distributed for nanosp with every tensor staged through host memory: two ranks on one
     GPU cannot use NCCL, and gloo is given CPU tensors only. It stands in for nanosp's `dist` (its
-    all_reduce and all_gather) and for the helpers _all_gather_into and _reduce_scatter_into that
-    nanosp binds at import; all else passes through. Used as a context manager, in this check only:
-    nanosp's own code path is the one that runs on NCCL."""
+    all_reduce, the one collective nanosp calls there) and for _all_gather_into and
+    _reduce_scatter_into, which nanosp binds at import; all else passes through. Used as a context
+    manager, in this check only: nanosp's own code path is the one that runs on NCCL."""
 
     def __init__(self, nanosp):
         import torch.distributed as dist
@@ -445,13 +445,6 @@ class HostStaged:
         host = x.to("cpu", copy=True)  # a copy even on a CPU, so that a dry run checks the way back
         self.dist.all_reduce(host, op=op or self.dist.ReduceOp.SUM, group=group)
         x.copy_(host)
-        return _Done() if async_op else None
-
-    def all_gather(self, parts, x, group=None, async_op=False):
-        hosts = [part.new_empty(part.shape, device="cpu") for part in parts]
-        self.dist.all_gather(hosts, x.cpu(), group=group)
-        for part, host in zip(parts, hosts):
-            part.copy_(host)
         return _Done() if async_op else None
 
     @staticmethod

@@ -113,8 +113,8 @@ def measure_activation_bytes(cfg, group=None, batch=1, seq=None, dtype=torch.bfl
             module = getattr(block, name)
             hooks.append(module.register_forward_pre_hook(lambda *_, n=label: where.__setitem__(0, n)))
             hooks.append(module.register_forward_hook(lambda *_, n=label: where.__setitem__(0, f"after {n}")))
-    fwd = nanosp.Forward(nanosp.ops_for(x, cfg), cfg.seed if cfg.dropout > 0 else None,
-                         nanosp.replicated_through_f(blocks, group, cfg.sequence_parallel))
+    fwd = nanosp.ForwardContext(nanosp.ops_for(x, cfg), cfg.seed if cfg.dropout > 0 else None,
+                                nanosp.replicated_through_f(blocks, group, cfg.sequence_parallel))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         y = x
         for block in blocks:
@@ -208,7 +208,7 @@ def count_layer_flops(cfg, group=None, batch=1, seq=None):
     """(forward, forward + backward) FLOPs of one of nanosp's layers on this rank, counted by
     FlopCounterMode. What the layer computes twice is the second minus 3x the first."""
     (block,), x = _layers_and_input(cfg, group, batch, seq or cfg.block_size, torch.float32, "cpu")
-    fwd = nanosp.Forward(shared=nanosp.replicated_through_f(block, group, cfg.sequence_parallel))
+    fwd = nanosp.ForwardContext(through_f=nanosp.replicated_through_f(block, group, cfg.sequence_parallel))
     with flop_counter() as counter:
         y = block(x, fwd)
     forward = counter.get_total_flops()
@@ -287,10 +287,11 @@ def plan_recompute(cfg, t, B, T, dtype, budget):
 
 @contextmanager
 def collective_log():
-    """Within the block, every collective of nanosp's collective helpers is logged as (phase,
-    operator, op, bytes of the full message): the three helpers (all_reduce, all_gather_sequence,
-    reduce_scatter_sequence) are wrapped to count, and the autograd Functions that call them to
-    say which operator is running, forward or backward."""
+    """Within the block, every collective nanosp sends is logged as (phase, operator, op, bytes of the
+    full message): nanosp calls torch.distributed only through its three helpers (all_reduce,
+    all_gather_sequence, reduce_scatter_sequence), which are wrapped to count. What calls them is
+    wrapped to say which operator is running: the autograd Functions, forward or backward; the
+    cross-entropy's max over the vocabulary shards (forward); GPT.full_tensor (outside both)."""
     log, running = [], [("outside", "an operator")]
 
     def counted(op, helper, full_message):
@@ -300,39 +301,40 @@ def collective_log():
             return helper(x, group, **kwargs)
         return wrapper
 
-    def labelled(cls, phase, method):
-        def wrapper(*args):
-            running.append((phase, f"{cls.__name__}.{phase}"))
+    def labelled(phase, operator, fn):
+        def wrapper(*args, **kwargs):
+            running.append((phase, operator))
             try:
-                return method(*args)
+                return fn(*args, **kwargs)
             finally:
                 running.pop()
-        return staticmethod(wrapper)
+        return wrapper
 
     helpers = {"all_reduce": ("all-reduce", False), "all_gather_sequence": ("all-gather", True),
                "reduce_scatter_sequence": ("reduce-scatter", False)}  # the message is the full tensor
-    saved = {name: getattr(nanosp, name) for name in helpers}
-    functions = [cls for cls in vars(nanosp).values() if isinstance(cls, type)
-                 and issubclass(cls, torch.autograd.Function) and cls is not nanosp.Recompute]
-    methods = {cls: (cls.__dict__["forward"], cls.__dict__["backward"]) for cls in functions}
-    for name, (op, full) in helpers.items():
-        setattr(nanosp, name, counted(op, saved[name], full))
-    for cls, (forward, backward) in methods.items():
-        cls.forward = labelled(cls, "forward", forward.__func__)
-        cls.backward = labelled(cls, "backward", backward.__func__)
+    patches = [(nanosp, name, counted(op, getattr(nanosp, name), full)) for name, (op, full) in helpers.items()]
+    for cls in vars(nanosp).values():
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls is not nanosp.Recompute:
+            patches += [(cls, phase, staticmethod(labelled(phase, f"{cls.__name__}.{phase}", getattr(cls, phase))))
+                        for phase in ("forward", "backward")]
+    patches += [(nanosp, "vocab_parallel_cross_entropy",
+                 labelled("forward", "vocab_parallel_cross_entropy", nanosp.vocab_parallel_cross_entropy)),
+                (nanosp.GPT, "full_tensor", labelled("outside", "GPT.full_tensor", nanosp.GPT.full_tensor))]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in patches]
+    for owner, name, patched in patches:
+        setattr(owner, name, patched)
     try:
         yield log
     finally:
-        for name, helper in saved.items():
-            setattr(nanosp, name, helper)
-        for cls, (forward, backward) in methods.items():
-            cls.forward, cls.backward = forward, backward
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 PAPER_NAMES = {"CopyToTensorParallelRegion": "f", "ReduceFromTensorParallelRegion": "f̄",
                "GatherFromSequenceParallelRegion": "g", "ReduceScatterToSequenceParallelRegion": "ḡ",
                "LinearWithSequenceGather": "g (fused with the linear)",
-               "GatherFromVocabRegion": "gather of the vocabulary-parallel logits"}
+               "GatherFromVocabRegion": "gather of the vocabulary-parallel logits",
+               "vocab_parallel_cross_entropy": "max of the vocabulary-parallel logits"}
 
 
 def paper_name(operator):
@@ -347,7 +349,7 @@ def measure_communication(cfg, group, batch=1, seq=None, dtype=torch.bfloat16, d
     all-gather or a reduce-scatter: one all-reduce costs one reduce-scatter plus one all-gather."""
     (block,), x = _layers_and_input(cfg, group, batch, seq or cfg.block_size, dtype, device)
     with collective_log() as log:
-        y = block(x, nanosp.Forward(shared=nanosp.replicated_through_f(block, group, cfg.sequence_parallel)))
+        y = block(x, nanosp.ForwardContext(through_f=nanosp.replicated_through_f(block, group, cfg.sequence_parallel)))
         y.backward(torch.ones_like(y))
     return log
 

@@ -43,6 +43,9 @@ import kernels  # fused CUDA versions of the fusable ops, and dropout's rounding
 RECOMPUTE_MODES = ("none", "selective", "full")
 ATTENTIONS = ("explicit", "sdpa")  # the core attention written out, or F.scaled_dot_product_attention
 
+def _divisors(n):  # what a size that must divide n could be
+    return [d for d in range(1, n + 1) if n % d == 0]
+
 @dataclasses.dataclass
 class GPTConfig:
     vocab_size: int = 256
@@ -98,9 +101,6 @@ class GPTConfig:
             raise ValueError(f"sequence length T={T} is not divisible by the tensor-parallel size t={t}, "
                              f"which sequence_parallel needs; T={fits or f'a multiple of {t}'} would fit")
 
-def _divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
-
 
 # ----------------------------------------------------------------------------------------------
 # collectives: f, f̄, g, ḡ
@@ -114,6 +114,7 @@ def _divisors(n):
 #
 # (forward / backward; Megatron-LM 2019 called f̄ "g".) Each is a no-op on a group of one rank and
 # on group=None, the unsharded model. Gathers and scatters are along dim 0, the sequence.
+# Every collective in this file goes through the three helpers below, which ledgers.py counts.
 
 def group_size(group):
     return 1 if group is None else dist.get_world_size(group)
@@ -125,13 +126,13 @@ def group_rank(group):
 _all_gather_into = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_into = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
-def all_reduce(x, group):
-    """Every rank's x -> their sum on every rank (in place)."""
-    dist.all_reduce(x, group=group)
+def all_reduce(x, group, op=dist.ReduceOp.SUM):
+    """Every rank's x -> their sum (or max: op) on every rank (in place)."""
+    dist.all_reduce(x, op=op, group=group)
     return x
 
 def all_gather_sequence(x, group, async_op=False):
-    """(T/t, ...) on each rank -> (T, ...), rank r's shard at rows [r T/t, (r+1) T/t)."""
+    """(T/t, ...) on each rank -> (T, ...), rank r's shard at rows [r T/t, (r+1) T/t); other dims: moved to 0."""
     out = x.new_empty((x.shape[0] * group_size(group), *x.shape[1:]))
     work = _all_gather_into(out, x.contiguous(), group=group, async_op=async_op)
     return (out, work) if async_op else out
@@ -154,7 +155,7 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         flat = all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), ctx.group)
-        return None, *(part.view_as(grad) for part, grad in zip(flat.split([g.numel() for g in grads]), grads))
+        return None, *(part.view_as(grad) for part, grad in zip(flat.split([x.numel() for x in grads]), grads))
 
 class ReduceFromTensorParallelRegion(torch.autograd.Function):
     """f̄: forward all-reduce, backward identity. Sums the row-parallel linear's partial outputs."""
@@ -271,7 +272,7 @@ class RowParallelLinear(nn.Module):
             y = g_bar(y, self.group)  # (T/t, B, C)
         else:
             y = f_bar(y, self.group)  # (T, B, C)
-        return y, fwd.param(self.bias)
+        return y, fwd.param(self.bias)  # under SP the bias as read through f, just below
 
 def replicated_through_f(module, group, sequence_parallel):
     """Under SP the replicated parameters (LayerNorms, row-parallel biases, wpe) see one sequence
@@ -305,11 +306,9 @@ class GatherFromVocabRegion(torch.autograd.Function):
     """Logits split by vocabulary -> all of them on every rank (inference); backward keeps our slice."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group):  # (T, B, V'/t) -> (T, B, V')
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(group_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+        return all_gather_sequence(x.movedim(-1, 0), group).movedim(0, -1)  # the vocabulary moved to dim 0
 
     @staticmethod
     def backward(ctx, grad):
@@ -327,8 +326,7 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
     if vocab_start + n > vocab_size:  # padding rows here: they never reach the loss
         logits = logits.masked_fill(torch.arange(n, device=logits.device) >= vocab_size - vocab_start, float("-inf"))
     with torch.no_grad():  # the max only stabilises exp; its gradient cancels
-        m = logits.max(dim=-1).values  # (T, B)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = all_reduce(logits.max(dim=-1).values, group, op=dist.ReduceOp.MAX)  # (T, B), over every rank's
     shifted = logits - m[..., None]
     sum_exp = f_bar(shifted.exp().sum(dim=-1), group)  # (T, B)
     local_target = targets - vocab_start
@@ -397,14 +395,16 @@ def ops_for(x, cfg):
     builds them); else nanosp's ops."""
     return kernels if cfg.fused_kernels and x.is_cuda and kernels.available() else REFERENCE_OPS
 
-class Forward(NamedTuple):
-    """What one forward pass shares with every layer."""
+class ForwardContext(NamedTuple):
+    """What one forward pass hands every layer; GPT.forward builds one per pass (the default: a Block alone)."""
     ops: SimpleNamespace = REFERENCE_OPS  # nanosp's definitions, or kernels.py
-    seed: Optional[int] = None  # of the dropout masks; None: no dropout
-    shared: dict = {}  # under SP: replicated parameter -> what the layers read (replicated_through_f)
+    seed: Optional[int] = None  # of this pass's dropout masks; None: no dropout
+    through_f: Optional[dict] = None  # under SP: {replicated parameter: its read through f}
 
     def param(self, p):
-        return self.shared.get(p, p)
+        """p as a layer reads it: under SP a replicated parameter sees one sequence shard, so it is read
+        through f, whose backward sums its gradient over the ranks (replicated_through_f); else p."""
+        return p if self.through_f is None else self.through_f.get(p, p)
 
     def dropout_key(self, layer, site):
         return None if self.seed is None else dropout_key(self.seed, layer, site)
@@ -413,6 +413,8 @@ class Forward(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # attention, MLP, block
 
+SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3  # dropout sites (the embedding's: layer n_layer)
+
 class LayerNorm(nn.Module):
     def __init__(self, dim, bias):
         super().__init__()
@@ -420,7 +422,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
     def forward(self, x, fwd):  # saves its input x: 2sbh (2sbh/t under SP)
-        return F.layer_norm(x, (x.shape[-1],), fwd.param(self.weight), fwd.param(self.bias), 1e-5)
+        return F.layer_norm(x, x.shape[-1:], fwd.param(self.weight), fwd.param(self.bias), 1e-5)  # SP: through f
 
 def core_attention(q, k, v, ops, p, key, offset):
     """softmax(Q K^T / sqrt(d) + causal mask), dropout, times V. q, k, v: (a/t B, T, d). This is
@@ -444,7 +446,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, group, cfg.sequence_parallel, cfg.bias, 3)
         self.c_proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
 
-    def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
+    def forward(self, x, fwd, selective=False):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
         qkv = self.c_attn(x)  # (T, B, 3C/t)
         T, B, d = qkv.shape[0], qkv.shape[1], self.head_dim
         if self.cfg.attention == "sdpa":  # (1, B a/t, T, d), laid out (T, B a/t, d) like SDPA's output: c_proj's input
@@ -455,8 +457,7 @@ class CausalSelfAttention(nn.Module):
             attend = partial(core_attention, ops=fwd.ops, p=self.cfg.dropout, offset=self.first_head * B * T * T,
                              key=fwd.dropout_key(self.layer, SITE_ATTN_PROBS))
             heads = "(a B) T d"
-        selective = self.cfg.recompute_of(self.layer) == "selective"  # keeps Q, K, V; recomputes the s^2 part
-        y = Recompute.apply(attend, q, k, v) if selective else attend(q, k, v)
+        y = Recompute.apply(attend, q, k, v) if selective else attend(q, k, v)  # selective: keeps Q, K, V only
         y = rearrange(y, f"{heads} -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
         return self.c_proj(y, fwd)  # (T/t or T, B, C), bias
 
@@ -474,24 +475,25 @@ class Block(nn.Module):
     def __init__(self, cfg, group, layer):
         super().__init__()
         self.cfg, self.group, self.layer = cfg, group, layer
+        self.recompute = cfg.recompute_of(layer)  # this layer's mode: GPT.set_recompute changes it, never cfg
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg, group, layer)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg, group)
 
-    def forward(self, x, fwd=Forward()):  # fwd: what the forward shares with every layer (none: a layer alone)
-        if self.cfg.recompute_of(self.layer) == "full":  # keeps x (and the parameters read through f)
-            shared = [p for p in self.parameters() if p in fwd.shared]
+    def forward(self, x, fwd=ForwardContext()):  # fwd: what this forward pass hands every layer
+        if self.recompute == "full":  # keeps x (and the parameters read through f)
+            replicated = [p for p in self.parameters() if p in (fwd.through_f or {})]
             def layer(x, *params):  # the replay reads the parameters it was given, as inputs
-                return self._forward(x, fwd._replace(shared=dict(zip(shared, params))))
-            return Recompute.apply(layer, x, *(fwd.shared[p] for p in shared))
+                return self._forward(x, fwd._replace(through_f=dict(zip(replicated, params))))
+            return Recompute.apply(layer, x, *(fwd.through_f[p] for p in replicated))
         return self._forward(x, fwd)
 
     def _forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C)
         p, ops, key = self.cfg.dropout, fwd.ops, partial(fwd.dropout_key, self.layer)
         # a dropout region is this rank's slice of the global (T, B, C) tensor: rows from rank T/t
         offset = group_rank(self.group) * x.numel() if self.cfg.sequence_parallel else 0
-        y, bias = self.attn(self.ln_1(x, fwd), fwd)
+        y, bias = self.attn(self.ln_1(x, fwd), fwd, selective=self.recompute == "selective")
         x = ops.bias_dropout_add(y, bias, x, p, key(SITE_ATTN_OUT), offset)  # saves the mask: sbh (sbh/t SP)
         y, bias = self.mlp(self.ln_2(x, fwd), fwd)
         return ops.bias_dropout_add(y, bias, x, p, key(SITE_MLP_OUT), offset)  # saves the mask: sbh (sbh/t SP)
@@ -523,8 +525,10 @@ class GPT(nn.Module):
         self.load_full_state_dict(init_full_state_dict(cfg, self.full_shapes()))
 
     def set_recompute(self, recompute):
-        """Another recompute plan from the next forward on (a mode, or one per layer)."""
-        self.cfg.recompute = dataclasses.replace(self.cfg, recompute=recompute).recompute
+        """Another plan (a mode, or one per layer) from the next forward on: each Block's mode, a new self.cfg."""
+        self.cfg = dataclasses.replace(self.cfg, recompute=recompute)  # checks the plan
+        for block in self.h:
+            block.recompute = self.cfg.recompute_of(block.layer)
 
     def check_input(self, idx, targets):
         """Refuse what would otherwise run silently wrong."""
@@ -547,15 +551,15 @@ class GPT(nn.Module):
                              f"an ignored position (-1, or PyTorch's -100)")
 
     def next_dropout_seed(self):
-        """(cfg.seed, training forwards so far): the seed of this forward's dropout masks, or None."""
+        """The seed of this forward's dropout masks (cfg.seed, training forwards before it), or None."""
         self.forward_count += self.training
         if self.training and self.cfg.dropout > 0:
-            return (self.cfg.seed & M32) << 32 | ((self.forward_count - 1) & M32)
+            return forward_seed(self.cfg.seed, self.forward_count - 1)
 
     def forward(self, idx, targets=None):
         self.check_input(idx, targets)
         cfg, group, sp, rank = self.cfg, self.group, self.cfg.sequence_parallel, self.tp_rank
-        fwd = Forward(ops_for(idx, cfg), self.next_dropout_seed(), replicated_through_f(self, group, sp))
+        fwd = ForwardContext(ops_for(idx, cfg), self.next_dropout_seed(), replicated_through_f(self, group, sp))
 
         x = self.wte(idx.T)  # (T, B, C), each rank's partial: only its vocabulary rows
         if sp:
@@ -563,7 +567,7 @@ class GPT(nn.Module):
         else:
             x = f_bar(x, group)  # (T, B, C)
         positions = torch.arange(x.shape[0], device=idx.device) + (rank * x.shape[0] if sp else 0)  # this rank's rows
-        x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]
+        x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]  # wpe read through f under SP
         x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), x.numel() * rank if sp else 0)
         for block in self.h:
             x = block(x, fwd)
@@ -602,8 +606,8 @@ class GPT(nn.Module):
         dim, chunks = self.shard_dims[name]
         parts = []
         for chunk in local.chunk(chunks, dim):  # each of q, k, v, or the whole tensor
-            parts += [torch.empty_like(chunk) for _ in range(self.tp_size)]
-            dist.all_gather(parts[-self.tp_size:], chunk.contiguous(), group=self.group)
+            gathered = all_gather_sequence(chunk.movedim(dim, 0), self.group)  # the split dimension moved to dim 0
+            parts.append(gathered.movedim(0, dim))
         full = torch.cat(parts, dim)
         return full[: self.cfg.vocab_size] if name == "wte.weight" else full
 
@@ -651,11 +655,9 @@ def init_full_state_dict(cfg, shapes):
 # A mask bit is a pure function of (seed, layer, site, global element index): rank r of a t-way
 # model draws exactly its slice of the unsharded model's mask, and recomputation replays it.
 # (Megatron-LM instead forks separate CUDA RNG states for the sharded and the replicated regions.)
+# p is rounded to 2^-16 by kernels.dropout_threshold / dropout_scale: kernels.py needs them and imports no nanosp.
 
 M32 = 0xFFFFFFFF
-
-# dropout sites of a layer (the embedding dropout uses layer index n_layer)
-SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3
 
 def mix32(x, k=0):
     """A keyed 32-bit integer hash: two xor-shift-multiply rounds, the key k between them. Exact on
@@ -669,6 +671,10 @@ def mix32(x, k=0):
     x &= M32
     x ^= x >> 16
     return x
+
+def forward_seed(seed, forward):
+    """The 64-bit seed of one forward pass's masks: cfg.seed, and the training forwards before it."""
+    return (seed & M32) << 32 | (forward & M32)
 
 def dropout_key(seed, layer, site):
     """The 64-bit key of one dropout site of one layer in one forward pass (Python ints)."""

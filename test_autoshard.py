@@ -582,7 +582,7 @@ def task_nanosp_block(ctx, t, sequence_parallel):
     y_auto.sum().backward()
     rows = slice(r * s // t, (r + 1) * s // t) if sequence_parallel else slice(None)
     x_mine = x.detach()[rows].clone().requires_grad_(True)
-    y_mine = mine(x_mine, nanosp.Forward(shared=nanosp.replicated_through_f(mine, group, sequence_parallel)))
+    y_mine = mine(x_mine, nanosp.ForwardContext(through_f=nanosp.replicated_through_f(mine, group, sequence_parallel)))
     y_mine.sum().backward()
     grads = sharded.full_grads()
     return [rel_err(y_auto[rows], y_mine), rel_err(x.grad[rows], x_mine.grad)] + [

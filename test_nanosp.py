@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import traceback
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -1024,6 +1025,33 @@ def test_recompute_plans_do_not_change_what_is_learned():
         assert other_losses == losses and all(torch.equal(other_weights[n], weights[n]) for n in weights), plans
 
 
+def saved_bytes(model, idx):
+    """The bytes autograd saves during one training forward of model (parameters included)."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(idx, idx)
+    return sum(saved.values())
+
+
+def test_set_recompute_replans_this_model_alone():
+    """set_recompute gives this model's layers the new plan and changes neither the config the model
+    was built from nor another model built from the same config: the replanned model saves what a
+    model built with that plan saves, the other what it saved before."""
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    replanned, other = GPT(cfg), GPT(cfg)
+    idx = make_batch(cfg, 2, 16, 0)[0]
+    before = saved_bytes(other, idx)
+    replanned.set_recompute(["full", "selective"])
+    assert cfg.recompute == other.cfg.recompute == "none" and replanned.cfg.recompute == ("full", "selective")
+    built = GPT(GPTConfig(**{**cfg.__dict__, "recompute": ("full", "selective")}))
+    assert saved_bytes(replanned, idx) == saved_bytes(built, idx) < saved_bytes(other, idx) == before
+
+
 def task_communication(ctx):
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
     logs = {}
@@ -1049,3 +1077,61 @@ def test_sequence_parallelism_sends_the_same_activation_bytes(world):
     assert [n for *_, n in regather] == [sbh, sbh]
     # LayerNorm weights and biases (2 x 2) and the two row-parallel biases: 6 x h elements
     assert [n for *_, n in params] == [6 * 32 * 2]  # in one all-reduce
+
+
+MESSAGE_CASES = [(2, False), (2, True), (4, False), (4, True)]  # (t, sequence_parallel)
+
+
+def task_every_message_is_logged(ctx, cases):
+    """Every call nanosp makes into torch.distributed, seen by a stand-in for nanosp.dist (and for the
+    two gather/scatter entry points the helpers bind at import), against ledgers.collective_log, over
+    training steps, the gathered logits and their backward, and full_state_dict: the same messages."""
+    sent = []
+
+    def spy(op, call, message):  # message(*args): the bytes of the whole message
+        def wrapper(*args, **kwargs):
+            sent.append((op, message(*args)))
+            return call(*args, **kwargs)
+        return wrapper
+
+    class Dist:  # torch.distributed with every call that is not a query logged (unknown ones without bytes)
+        def __getattr__(self, name):
+            value = getattr(dist, name)
+            queries = ("get_world_size", "get_rank", "is_initialized")
+            if name in queries or not callable(value) or isinstance(value, type):  # ReduceOp is a type
+                return value
+            if name == "all_reduce":
+                return spy("all-reduce", value, lambda x: x.numel() * x.element_size())
+            return spy(name, value, lambda *_: None)
+
+    results = []
+    for t, sp in cases:
+        cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16, dropout=0.1, sequence_parallel=sp,
+                        recompute=("full", "selective"))
+        model = GPT(cfg, ctx.group(t)).double()
+        idx, targets = make_batch(cfg, 2, 8, 5)
+        real = nanosp.dist, nanosp._all_gather_into, nanosp._reduce_scatter_into
+        nanosp.dist = Dist()
+        nanosp._all_gather_into = spy("all-gather", real[1], lambda out, x: out.numel() * out.element_size())
+        nanosp._reduce_scatter_into = spy("reduce-scatter", real[2], lambda out, x: x.numel() * x.element_size())
+        try:
+            with ledgers.collective_log() as log:
+                for _ in range(2):
+                    model(idx, targets)[1].backward()
+                model(idx)[0].sum().backward()
+                model.full_state_dict()
+        finally:
+            nanosp.dist, nanosp._all_gather_into, nanosp._reduce_scatter_into = real
+        results.append((sorted(sent), sorted((op, n) for *_, op, n in log), {operator for _, operator, *_ in log}))
+        sent.clear()
+    return results
+
+
+def test_the_collective_log_sees_every_message_nanosp_sends(world):
+    """The communication ledger is complete: the cross-entropy's max, the gather of the logits and
+    full_tensor's gathers go through the helpers it counts, like every operator's collectives."""
+    for results in world.run(task_every_message_is_logged, cases=MESSAGE_CASES):
+        for (t, sp), (sent, logged, operators) in zip(MESSAGE_CASES, results):
+            missing, extra = Counter(sent) - Counter(logged), Counter(logged) - Counter(sent)
+            assert sent and not missing and not extra, f"t={t} sp={sp}: not logged {missing}; not sent {extra}"
+            assert {"vocab_parallel_cross_entropy", "GatherFromVocabRegion.forward", "GPT.full_tensor"} <= operators

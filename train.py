@@ -279,7 +279,7 @@ def build_model(cfg, tp_group, device, dtype, state_dict, source, compiled=False
     weights rounded to bf16 after each step; bf16 alone would lose every update smaller than
     1/256 of a weight. `source` names the state dict in an error. `compiled`: each layer under
     torch.compile (the input checks and the loss's boolean indexing stay eager)."""
-    model = nanosp.GPT(dataclasses.replace(cfg), group=tp_group)  # a config of its own: set_recompute changes it
+    model = nanosp.GPT(cfg, group=tp_group)
     model.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
     if state_dict is not None:
         try:
