@@ -518,8 +518,10 @@ def test_errors(monkeypatch, trained, tmp_path, text):
 
 
 BAD_OPTIONS = [  # (options, what the one line must say)
-    (["--lr", -1], "--lr -1.0 must be a finite number > 0"),
-    (["--lr", 0], "--lr 0.0 must be a finite number > 0"),
+    (["--lr", -1], "--lr -1.0 must be a number > 0 and under 3.403e+37"),
+    (["--lr", 0], "--lr 0.0 must be a number > 0 and under 3.403e+37"),
+    (["--lr", 1e38], "--lr 1e+38 must be a number > 0 and under 3.403e+37 (AdamW's first step is 10 lr)"),
+    (["--lr", "inf"], "--lr inf must be a number > 0"),
     (["--stop-after", -1], "--stop-after -1 must be at least 0"),
     (["--lr", "nan"], "--lr nan"),
     (["--min-lr", -1], "--min-lr -1.0 must be in [0, --lr 0.001]"),
@@ -892,6 +894,32 @@ def test_stop_signal_checkpoints_the_step_every_rank_stopped_after(case, uninter
     assert_resumed_exactly(out, uninterrupted(nproc))
 
 
+def catches(pid, sig):
+    """Whether process `pid` has a handler of its own for signal `sig` (SigCgt in /proc/PID/status)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_before_the_first_step_ends_the_run_in_one_line(sig, text, tmp_path):
+    """SIGTERM or Ctrl-C while plain python train.py still imports torch (seconds): nothing to save,
+    so it ends at once with one line and 128 + the signal, and leaves no checkpoint and no log. It
+    used to end silently (SIGTERM's default, -15) or with a KeyboardInterrupt traceback."""
+    out = tmp_path / "out"
+    with Background([*SMALL, "--data", text, "--out-dir", out], tmp_path, launcher=None) as job:
+        while not catches(job.proc.pid, signal.SIGTERM):  # train.py's handlers: SIGINT's, then SIGTERM's
+            assert job.proc.poll() is None, job.stderr()
+            time.sleep(0.001)
+        os.kill(job.proc.pid, sig)
+        job.proc.wait(timeout=60)
+    assert job.stderr() == f"train.py: stopped by {sig.name} before the first step; nothing was written\n"
+    assert job.proc.returncode == 128 + sig and not job.stdout()
+    assert not (out / "ckpt.pt").exists() and not (out / "log.jsonl").exists()
+
+
 def strict_json(line):
     """json.loads that refuses NaN and Infinity, which RFC 8259 (and jq, and JavaScript) reject."""
     def refuse(constant):
@@ -917,9 +945,36 @@ def test_diverging_run_stops_before_the_bad_step_and_keeps_the_checkpoint(text, 
     assert ckpt["step"] == kept == last - last % 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
     assert strict_json(guards.json_line({"loss": math.nan, "val_loss": -math.inf, "lr": 0.5})) == {
         "loss": None, "val_loss": None, "lr": 0.5}
-    guard = guards.StepGuard(guards.StopSignals(), start=8)  # (its handlers are not installed)
+    guard = guards.StepGuard(guards.StopSignals(), saved=8)  # (its handlers are not installed)
     with pytest.raises(guards.Diverged, match="step 9: the weights are not all finite"):
         guard.check_weights({"w": torch.tensor([1.0, math.inf])}, 9)
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_and_a_first_step_that_diverges(text, tmp_path):
+    """Two more ways in. A c_fc bias of -1e20 (in a checkpoint) gives GeLU inputs whose output is
+    0, so the loss is finite, and whose derivative is 0 * inf, so the gradient is NaN: the gradient
+    norm stops the run at its first step, nothing applied, the checkpoint unchanged. And --lr 1e30
+    from scratch: step 1 is finite, step 2 is not, before any checkpoint: the line says that none
+    was written (it said "the checkpoint of step 0 is kept"), and none is."""
+    common = [*SMALL, "--data", text, "--steps", 30, "--ckpt-interval", 2, "--out-dir", tmp_path / "bias"]
+    run([*common, "--stop-after", 2])
+    ckpt = load_ckpt(tmp_path / "bias")
+    ckpt["model"]["h.1.mlp.c_fc.bias"][-1] = -1e20
+    torch.save(ckpt, tmp_path / "bias" / "ckpt.pt")
+    msg = error_of([*common, "--resume"], code=3)
+    assert re.fullmatch(r"train.py: error: step 3: the gradient norm is not finite \(loss \d\.\d+, gradient norm nan\): "
+                        r"the step is not applied; this run applied no step before it; the checkpoint of step 2 is kept",
+                        msg), msg
+    kept = load_ckpt(tmp_path / "bias")["model"]
+    assert all(torch.equal(kept[name], w) for name, w in ckpt["model"].items())
+    fresh = tmp_path / "fresh"
+    msg = error_of([*SMALL, "--data", text, "--lr", 1e30, "--warmup-steps", 1, "--ckpt-interval", 5, "--out-dir", fresh],
+                   code=3)
+    assert re.fullmatch(r"train.py: error: step 2: the loss is not finite \(.*\): the step is not applied; the last "
+                        r"finite loss was \S+ at step 1; no checkpoint was written", msg), msg
+    assert not (fresh / "ckpt.pt").exists()
+    with open(fresh / "log.jsonl") as f:
+        assert [r["step"] for r in map(strict_json, f)] == [1]
 
 
 def test_one_run_per_out_dir_and_a_killed_run_leaves_no_lock(text, tmp_path):
