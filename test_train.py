@@ -993,6 +993,10 @@ def test_one_run_per_out_dir_and_a_killed_run_leaves_no_lock(text, tmp_path):
     step = load_ckpt(out)["step"]
     assert f"at step {step}" in run([*args, "--resume", "--stop-after", step + 1]).stdout
     assert load_ckpt(out)["step"] == step + 1 and not (out / "lock").exists()
+    # a lock file that names a live process (its pid reused) on this host, or another host: only a held lock blocks
+    for holder in (f"pid {os.getpid()} on host {socket.gethostname()}", "pid 1 on host elsewhere"):
+        (out / "lock").write_text(holder + "\n")
+        run([*args, "--resume", "--stop-after", step + 2])
 
 
 def listening(port):
