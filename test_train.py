@@ -215,6 +215,20 @@ def test_learning_rate_warms_up_then_follows_the_cosine(trained):
         assert log[step]["lr"] == pytest.approx(want, rel=1e-12), step
 
 
+def test_validation_loss_is_the_held_out_windows_loss(trained):
+    """val_loss at step 40 is the mean loss of step 40's weights (the checkpoint's), in eval mode,
+    over --eval-iters fixed windows of the last 10% of the data (batch_seed(seed, i, "val")),
+    recomputed here. Every layout logs the same val_loss, so only this sees one taken on the
+    training split."""
+    ckpt, logged = load_ckpt(trained), read_log(trained)[40]["val_loss"]
+    model = nanosp.GPT(nanosp.GPTConfig(**{k: ckpt["config"][k] for k in checks.SHAPE_KEYS})).eval()
+    model.load_full_state_dict(ckpt["model"])
+    held_out = checks.read_data(None, None, longest=32)[1]
+    with torch.no_grad():
+        losses = [model(*train.get_batch(held_out, 8, 32, train.batch_seed(0, i, "val")))[1] for i in range(2)]
+    assert logged == pytest.approx(torch.stack(losses).double().mean().item(), rel=1e-6)
+
+
 def test_batches_are_windows_and_their_next_tokens():
     """get_batch on data 0, 1, 2, ...: each row of x is a window of the data, its row of y the same
     window one token on (the next-token targets); a seed gives one batch, another seed another."""
