@@ -45,17 +45,12 @@ import socket
 import sys
 from datetime import timedelta
 
-
-def stopped_before_the_steps(signum, frame):
-    """SIGTERM or SIGINT before the steps begin (guards.StopSignals takes over then): there is
-    nothing to save, so the process ends at once, in one line from rank 0, exit code 128 + N."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"train.py: stopped by {signal.Signals(signum).name} before the first step; nothing was written",
-              file=sys.stderr, flush=True)
-    os._exit(128 + signum)
-
-
-if __name__ == "__main__":  # before `import torch`, which alone takes seconds
+if __name__ == "__main__":  # SIGTERM or Ctrl-C before the steps (guards.StopSignals then): one line, at once
+    def stopped_before_the_steps(signum, frame):  # (set before `import torch`, which alone takes seconds)
+        if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for every rank; there is nothing to save
+            print(f"train.py: stopped by {signal.Signals(signum).name} before the first step; nothing was written",
+                  file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stopped_before_the_steps)
 
