@@ -248,6 +248,24 @@ def test_top_k_1_samples_the_greedy_continuation(trained):
     assert run([*args, "--temperature", 0.8, "--seed", 5]).stdout != greedy  # (so the sampler samples)
 
 
+def test_sampling_draws_from_the_softmax_of_logits_over_temperature(trained):
+    """--temperature 0.5 --top-k 5 --seed 3: each token is torch.multinomial's draw, from a generator
+    seeded 3, over softmax(logits / 0.5) of the 5 likeliest bytes; the loop written out here writes
+    the same text. (Greedy and top-k 1 cannot tell a temperature that multiplies from one that divides.)"""
+    text = run(["--sample", "--from", trained, "--prompt", "def ", "--max-new-tokens", 12, "--temperature", 0.5,
+                "--top-k", 5, "--seed", 3]).stdout
+    ckpt = load_ckpt(trained)
+    model = nanosp.GPT(nanosp.GPTConfig(**{k: ckpt["config"][k] for k in checks.SHAPE_KEYS})).eval()
+    model.load_full_state_dict(ckpt["model"])
+    gen, ids = torch.Generator().manual_seed(3), list(b"def ")
+    for _ in range(12):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0][0, -1] / 0.5
+        logits[logits < logits.topk(5).values[-1]] = -math.inf
+        ids.append(torch.multinomial(logits.softmax(-1), 1, generator=gen).item())
+    assert text == bytes(ids).decode(errors="replace") + "\n"
+
+
 def test_sample_agrees_sharded_and_not(trained):
     args = ["--sample", "--from", trained, "--prompt", "import ", "--max-new-tokens", 40, "--seed", 3]
     one = run(args).stdout
