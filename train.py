@@ -45,12 +45,15 @@ import socket
 import sys
 from datetime import timedelta
 
-if __name__ == "__main__":  # SIGTERM or Ctrl-C before the steps (guards.StopSignals then): one line, at once
-    def stopped_before_the_steps(signum, frame):  # (set before `import torch`, which alone takes seconds)
-        if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for every rank; there is nothing to save
-            print(f"train.py: stopped by {signal.Signals(signum).name} before the first step; nothing was written",
-                  file=sys.stderr, flush=True)
-        os._exit(128 + signum)
+
+def stopped_before_the_steps(signum, frame):  # SIGTERM or Ctrl-C before the steps (guards.StopSignals then)
+    if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for every rank; there is nothing to save
+        print(f"train.py: stopped by {signal.Signals(signum).name} before the first step; nothing was written",
+              file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # set before `import torch`, which alone takes seconds
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stopped_before_the_steps)
 
@@ -550,6 +553,9 @@ def main(argv=None):
     finally:
         if run is not None:
             run.signals.restore()
+            for sig in guards.StopSignals.SIGNALS:  # past the steps now: a signal ends the process as by default
+                if signal.getsignal(sig) is stopped_before_the_steps:
+                    signal.signal(sig, signal.SIG_DFL)
             if run.lock:
                 run.lock.release()
         if dist.is_initialized():
