@@ -59,7 +59,8 @@ def check_options(args):
         need(name, lambda v: v >= 1, "must be at least 1")
     for name in ("stop_after", "warmup_steps", "eval_interval", "ckpt_interval", "top_k"):
         need(name, lambda v: v >= 0, "must be at least 0")
-    need("lr", lambda v: 0 < v < math.inf, "must be a finite number > 0")
+    most = torch.finfo(torch.float32).max / 10  # AdamW's first step, lr / (1 - beta1), is a float32
+    need("lr", lambda v: 0 < v < most, f"must be a number > 0 and under {most:.4g} (AdamW's first step is 10 lr)")
     for name in ("weight_decay", "grad_clip", "temperature"):
         need(name, lambda v: 0 <= v < math.inf, "must be a finite number >= 0")
     need("min_lr", lambda v: 0 <= v <= args.lr, f"must be in [0, --lr {args.lr}]")

@@ -9,8 +9,9 @@ files before any of this runs):
   (`--max-restarts`), which plain init_process_group does not always do; collectives: a
   collective that times out or loses a rank becomes one line naming its process group;
 - DirectoryLock: one run per --out-dir, however the last one ended;
-- StopSignals: SIGTERM and SIGINT stop every rank at the same step boundary; follow_agent: a
-  rank whose torchrun agent dies gets SIGTERM;
+- StopSignals: SIGTERM and SIGINT stop every rank at the same step boundary (before the steps,
+  train.py ends at once; default_signals: while joining the world, the system's default);
+  follow_agent: a rank whose torchrun agent dies gets SIGTERM;
 - StepGuard: one tiny all-reduce per step agrees on a stop and on a non-finite loss or gradient
   norm (that step is not applied), and no checkpoint is written from non-finite weights;
 - write_atomic: a file is replaced whole or not at all; a failed write keeps the previous one;
@@ -168,6 +169,19 @@ def fresh_namespace(store, rank, world, timeout):
 
 
 @contextlib.contextmanager
+def default_signals():
+    """SIGTERM and SIGINT end the process at once (the system's default) inside this block, as
+    they did before train.py set its own handlers: a Python handler runs only once the call it
+    lands in returns, and init_process_group can wait for a peer that is gone until --timeout."""
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in StopSignals.SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
 def collectives(group, timeout):
     """A collective in this block that times out (after `timeout` seconds), or loses a rank, becomes
     one line that names its process group. gloo says which only in the text of a RuntimeError:
@@ -281,10 +295,10 @@ class StepGuard:
     numbers over all ranks makes them give the same answers: has any rank been asked to stop
     (the signal's number), and is the loss or the gradient norm non-finite anywhere."""
 
-    def __init__(self, signals, start):
+    def __init__(self, signals, saved):
         self.signals, self.stopping = signals, 0
         self.last_finite = None  # (step, loss) of the last finite step of this run
-        self.saved = start  # the step of the checkpoint on disk
+        self.saved = saved  # the step of the checkpoint on disk; None: there is none yet
 
     def check_step(self, step, loss, norm):
         """Raises Diverged before a non-finite step is applied; sets self.stopping to the signal
@@ -298,7 +312,7 @@ class StepGuard:
         if nonfinite:
             raise Diverged(f"step {step}: the {'loss' if not torch.isfinite(loss) else 'gradient norm'} is not "
                            f"finite (loss {loss.item():g}, gradient norm {norm.item():g}): the step is not applied"
-                           f"; {self.last_seen()}; the checkpoint of step {self.saved} is kept")
+                           f"; {self.last_seen()}; {self.kept()}")
         self.last_finite, self.stopping = (step, loss.item()), signum
 
     def check_weights(self, masters, step):
@@ -309,12 +323,15 @@ class StepGuard:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             raise Diverged(f"step {step}: the weights are not all finite, so they are not written; "
-                           f"{self.last_seen()}; the checkpoint of step {self.saved} is kept")
+                           f"{self.last_seen()}; {self.kept()}")
 
     def last_seen(self):
         if self.last_finite is None:
-            return "no step of this run had a finite loss"
+            return "this run applied no step before it"
         return f"the last finite loss was {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
+
+    def kept(self):
+        return "no checkpoint was written" if self.saved is None else f"the checkpoint of step {self.saved} is kept"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -778,6 +778,25 @@ def test_evaluation_has_no_dropout():
         assert not torch.equal(model(idx)[0], plain(idx)[0]) and model.forward_count == 1
 
 
+def test_every_dropout_of_a_forward_draws_its_own_mask(monkeypatch):
+    """The embedding's dropout and each layer's three (attention probabilities, attention output,
+    MLP output) call the hash with keys that no other dropout of this forward or the next uses;
+    with test_masks_are_uncorrelated, their masks are independent. The unsharded twin cannot see
+    two sites sharing one key (it would share it too)."""
+    keys = []
+    def recording(x, p, key, offset):
+        keys.append(key)
+        return dropout(x, p, key, offset)
+    dropout = nanosp.dropout
+    monkeypatch.setattr(nanosp, "dropout", recording)  # bias_dropout_add calls it by name
+    monkeypatch.setattr(nanosp.REFERENCE_OPS, "dropout", recording)
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8, dropout=0.1)
+    model, idx = GPT(cfg).double(), make_batch(cfg, 2, 8, 0)[0]
+    for _ in range(2):
+        model(idx)
+    assert len(keys) == 2 * (1 + 3 * cfg.n_layer) and len(set(keys)) == len(keys)
+
+
 def keep_mask_uint32(numel, p, key, offset):
     """The dropout rule written out in numpy's uint32 arithmetic (which wraps by definition), the
     way the CUDA kernel writes it: pair j = n // 2 hashes once, element n takes the low or high 16

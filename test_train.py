@@ -215,6 +215,20 @@ def test_learning_rate_warms_up_then_follows_the_cosine(trained):
         assert log[step]["lr"] == pytest.approx(want, rel=1e-12), step
 
 
+def test_validation_loss_is_the_held_out_windows_loss(trained):
+    """val_loss at step 40 is the mean loss of step 40's weights (the checkpoint's), in eval mode,
+    over --eval-iters fixed windows of the last 10% of the data (batch_seed(seed, i, "val")),
+    recomputed here. Every layout logs the same val_loss, so only this sees one taken on the
+    training split."""
+    ckpt, logged = load_ckpt(trained), read_log(trained)[40]["val_loss"]
+    model = nanosp.GPT(nanosp.GPTConfig(**{k: ckpt["config"][k] for k in checks.SHAPE_KEYS})).eval()
+    model.load_full_state_dict(ckpt["model"])
+    held_out = checks.read_data(None, None, longest=32)[1]
+    with torch.no_grad():
+        losses = [model(*train.get_batch(held_out, 8, 32, train.batch_seed(0, i, "val")))[1] for i in range(2)]
+    assert logged == pytest.approx(torch.stack(losses).double().mean().item(), rel=1e-6)
+
+
 def test_batches_are_windows_and_their_next_tokens():
     """get_batch on data 0, 1, 2, ...: each row of x is a window of the data, its row of y the same
     window one token on (the next-token targets); a seed gives one batch, another seed another."""
@@ -232,6 +246,24 @@ def test_top_k_1_samples_the_greedy_continuation(trained):
     greedy = run([*args, "--temperature", 0]).stdout
     assert run([*args, "--temperature", 0.8, "--top-k", 1, "--seed", 5]).stdout == greedy
     assert run([*args, "--temperature", 0.8, "--seed", 5]).stdout != greedy  # (so the sampler samples)
+
+
+def test_sampling_draws_from_the_softmax_of_logits_over_temperature(trained):
+    """--temperature 0.5 --top-k 5 --seed 3: each token is torch.multinomial's draw, from a generator
+    seeded 3, over softmax(logits / 0.5) of the 5 likeliest bytes; the loop written out here writes
+    the same text. (Greedy and top-k 1 cannot tell a temperature that multiplies from one that divides.)"""
+    text = run(["--sample", "--from", trained, "--prompt", "def ", "--max-new-tokens", 12, "--temperature", 0.5,
+                "--top-k", 5, "--seed", 3]).stdout
+    ckpt = load_ckpt(trained)
+    model = nanosp.GPT(nanosp.GPTConfig(**{k: ckpt["config"][k] for k in checks.SHAPE_KEYS})).eval()
+    model.load_full_state_dict(ckpt["model"])
+    gen, ids = torch.Generator().manual_seed(3), list(b"def ")
+    for _ in range(12):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0][0, -1] / 0.5
+        logits[logits < logits.topk(5).values[-1]] = -math.inf
+        ids.append(torch.multinomial(logits.softmax(-1), 1, generator=gen).item())
+    assert text == bytes(ids).decode(errors="replace") + "\n"
 
 
 def test_sample_agrees_sharded_and_not(trained):
@@ -518,8 +550,10 @@ def test_errors(monkeypatch, trained, tmp_path, text):
 
 
 BAD_OPTIONS = [  # (options, what the one line must say)
-    (["--lr", -1], "--lr -1.0 must be a finite number > 0"),
-    (["--lr", 0], "--lr 0.0 must be a finite number > 0"),
+    (["--lr", -1], "--lr -1.0 must be a number > 0 and under 3.403e+37"),
+    (["--lr", 0], "--lr 0.0 must be a number > 0 and under 3.403e+37"),
+    (["--lr", 1e38], "--lr 1e+38 must be a number > 0 and under 3.403e+37 (AdamW's first step is 10 lr)"),
+    (["--lr", "inf"], "--lr inf must be a number > 0"),
     (["--stop-after", -1], "--stop-after -1 must be at least 0"),
     (["--lr", "nan"], "--lr nan"),
     (["--min-lr", -1], "--min-lr -1.0 must be in [0, --lr 0.001]"),
@@ -892,6 +926,32 @@ def test_stop_signal_checkpoints_the_step_every_rank_stopped_after(case, uninter
     assert_resumed_exactly(out, uninterrupted(nproc))
 
 
+def catches(pid, sig):
+    """Whether process `pid` has a handler of its own for signal `sig` (SigCgt in /proc/PID/status)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_before_the_first_step_ends_the_run_in_one_line(sig, text, tmp_path):
+    """SIGTERM or Ctrl-C while plain python train.py still imports torch (seconds): nothing to save,
+    so it ends at once with one line and 128 + the signal, and leaves no checkpoint and no log. It
+    used to end silently (SIGTERM's default, -15) or with a KeyboardInterrupt traceback."""
+    out = tmp_path / "out"
+    with Background([*SMALL, "--data", text, "--out-dir", out], tmp_path, launcher=None) as job:
+        while not catches(job.proc.pid, signal.SIGTERM):  # train.py's handlers: SIGINT's, then SIGTERM's
+            assert job.proc.poll() is None, job.stderr()
+            time.sleep(0.001)
+        os.kill(job.proc.pid, sig)
+        job.proc.wait(timeout=60)
+    assert job.stderr() == f"train.py: stopped by {sig.name} before the first step; nothing was written\n"
+    assert job.proc.returncode == 128 + sig and not job.stdout()
+    assert not (out / "ckpt.pt").exists() and not (out / "log.jsonl").exists()
+
+
 def strict_json(line):
     """json.loads that refuses NaN and Infinity, which RFC 8259 (and jq, and JavaScript) reject."""
     def refuse(constant):
@@ -917,9 +977,36 @@ def test_diverging_run_stops_before_the_bad_step_and_keeps_the_checkpoint(text, 
     assert ckpt["step"] == kept == last - last % 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
     assert strict_json(guards.json_line({"loss": math.nan, "val_loss": -math.inf, "lr": 0.5})) == {
         "loss": None, "val_loss": None, "lr": 0.5}
-    guard = guards.StepGuard(guards.StopSignals(), start=8)  # (its handlers are not installed)
+    guard = guards.StepGuard(guards.StopSignals(), saved=8)  # (its handlers are not installed)
     with pytest.raises(guards.Diverged, match="step 9: the weights are not all finite"):
         guard.check_weights({"w": torch.tensor([1.0, math.inf])}, 9)
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_and_a_first_step_that_diverges(text, tmp_path):
+    """Two more ways in. A c_fc bias of -1e20 (in a checkpoint) gives GeLU inputs whose output is
+    0, so the loss is finite, and whose derivative is 0 * inf, so the gradient is NaN: the gradient
+    norm stops the run at its first step, nothing applied, the checkpoint unchanged. And --lr 1e30
+    from scratch: step 1 is finite, step 2 is not, before any checkpoint: the line says that none
+    was written (it said "the checkpoint of step 0 is kept"), and none is."""
+    common = [*SMALL, "--data", text, "--steps", 30, "--ckpt-interval", 2, "--out-dir", tmp_path / "bias"]
+    run([*common, "--stop-after", 2])
+    ckpt = load_ckpt(tmp_path / "bias")
+    ckpt["model"]["h.1.mlp.c_fc.bias"][-1] = -1e20
+    torch.save(ckpt, tmp_path / "bias" / "ckpt.pt")
+    msg = error_of([*common, "--resume"], code=3)
+    assert re.fullmatch(r"train.py: error: step 3: the gradient norm is not finite \(loss \d\.\d+, gradient norm nan\): "
+                        r"the step is not applied; this run applied no step before it; the checkpoint of step 2 is kept",
+                        msg), msg
+    kept = load_ckpt(tmp_path / "bias")["model"]
+    assert all(torch.equal(kept[name], w) for name, w in ckpt["model"].items())
+    fresh = tmp_path / "fresh"
+    msg = error_of([*SMALL, "--data", text, "--lr", 1e30, "--warmup-steps", 1, "--ckpt-interval", 5, "--out-dir", fresh],
+                   code=3)
+    assert re.fullmatch(r"train.py: error: step 2: the loss is not finite \(.*\): the step is not applied; the last "
+                        r"finite loss was \S+ at step 1; no checkpoint was written", msg), msg
+    assert not (fresh / "ckpt.pt").exists()
+    with open(fresh / "log.jsonl") as f:
+        assert [r["step"] for r in map(strict_json, f)] == [1]
 
 
 def test_one_run_per_out_dir_and_a_killed_run_leaves_no_lock(text, tmp_path):
@@ -938,6 +1025,10 @@ def test_one_run_per_out_dir_and_a_killed_run_leaves_no_lock(text, tmp_path):
     step = load_ckpt(out)["step"]
     assert f"at step {step}" in run([*args, "--resume", "--stop-after", step + 1]).stdout
     assert load_ckpt(out)["step"] == step + 1 and not (out / "lock").exists()
+    # a lock file that names a live process (its pid reused) on this host, or another host: only a held lock blocks
+    for holder in (f"pid {os.getpid()} on host {socket.gethostname()}", "pid 1 on host elsewhere"):
+        (out / "lock").write_text(holder + "\n")
+        run([*args, "--resume", "--stop-after", step + 2])
 
 
 def listening(port):

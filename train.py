@@ -42,7 +42,20 @@ import math
 import os
 import signal
 import socket
+import sys
 from datetime import timedelta
+
+
+def stopped_before_the_steps(signum, frame):  # SIGTERM or Ctrl-C before the steps (guards.StopSignals then)
+    if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for every rank; there is nothing to save
+        print(f"train.py: stopped by {signal.Signals(signum).name} before the first step; nothing was written",
+              file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # set before `import torch`, which alone takes seconds
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stopped_before_the_steps)
 
 import torch
 import torch.distributed as dist
@@ -66,7 +79,8 @@ MULTI_NODE = """multi-node (the same command on every node; HOST runs the rendez
       train.py --preset gpt2 --tp 8 --sequence-parallel --recompute selective --dtype bfloat16
 
 exit codes: 0 done, 1 failed, 2 bad option or file, 3 diverged (a non-finite loss or gradient
-norm), 130 / 143 stopped by SIGINT / SIGTERM after writing the checkpoint of the last step"""
+norm), 130 / 143 stopped by SIGINT / SIGTERM after writing the checkpoint of the last step (before
+the first step: at once, nothing written)"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -257,7 +271,7 @@ def setup_distributed(device, t, dp, rank, timeout):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait, world = timedelta(seconds=timeout), t * dp
-    with guards.collectives("default (all ranks)", timeout):
+    with guards.collectives("default (all ranks)", timeout), guards.default_signals():
         guards.join_world("nccl" if device.type == "cuda" else "gloo", wait)  # restarts too
         # every rank creates every group, in the same order
         tp_groups = [dist.new_group(list(range(d * t, d * t + t)), timeout=wait) for d in range(dp)]
@@ -462,7 +476,7 @@ def train(run):
     for T, plan in run.plans.items():  # what the planner saw (with sdpa: selective has little to save)
         if plan.note:
             say(run, f"T={T}: {plan.note}")
-    guard = guards.StepGuard(run.signals, start)
+    guard = guards.StepGuard(run.signals, saved=start if run.ckpt else None)
     with guards.open_log(args.out_dir, start, run.rank, args.timeout) as log:
         meter = metrics.Metrics(run, model, log)
         run.signals.install()  # SIGTERM, SIGINT: the run stops after a step that every rank agrees on
@@ -539,6 +553,9 @@ def main(argv=None):
     finally:
         if run is not None:
             run.signals.restore()
+            for sig in guards.StopSignals.SIGNALS:  # past the steps now: a signal ends the process as by default
+                if signal.getsignal(sig) is stopped_before_the_steps:
+                    signal.signal(sig, signal.SIG_DFL)
             if run.lock:
                 run.lock.release()
         if dist.is_initialized():
