@@ -22,14 +22,11 @@ What to look for:
   (not slices of one global mask, so dropout > 0 runs at different dp differ), and resume is exact.
 - --resume without a checkpoint in --out-dir starts fresh (and says so), so one command line
   serves both the first submission of a job and its restarts. --init is ignored when resuming.
-- --dtype bfloat16 is mixed precision as Megatron-LM does it: the model (weights, activations,
-  gradients, collectives) in bf16, float32 master weights and AdamW state that the optimizer
-  steps, rounded back into the model after each step. Checkpoints hold the float32 masters.
+- --dtype bfloat16 is Megatron-LM's mixed precision (build_model); checkpoints hold the float32
+  master weights.
 - Tokens are bytes (vocab 256), or the ids of the tokenizer of --init gpt2:DIR, a Hugging Face
-  GPT-2 model directory read by gpt2.py: its config.json gives the shape, and its tokenizer, when it
-  has one, encodes --data and --prompt and decodes the samples. The checkpoint keeps that tokenizer
-  (its tokenizer.json text), so --resume and --sample use the same one wherever DIR has gone.
-  Nothing is downloaded. --sample --from DIR samples from such a directory directly.
+  GPT-2 directory (gpt2.py; nothing is downloaded), which the checkpoint keeps, so --resume and
+  --sample use it wherever DIR has gone. --sample --from DIR samples from such a directory.
 - Beside it, one file per concern: checks.py checks every option and file before any work (a bad
   one is one line, exit code 2, on every rank alike); guards.py keeps a run whole through what a
   cluster does (a rank that stops answering, restarts, SIGTERM, a diverging loss, a second run
