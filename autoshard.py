@@ -675,60 +675,56 @@ def returning(g, first, v, p):
 def search(g, t, constraint, start, stop, states):
     """The dynamic programme over ops start..stop: a state is the (placement, reads) of every live value, and only
     the cheapest way to each state is kept, which is exact, since what happens after depends on nothing else.
-    states: {state: (units, kept bytes, partial reads, path)}."""
+    states: {state: (score, the choices so far)}."""
     for k in range(start, stop):
         op, following = g.ops[k], {}
-        for state, (cost, kept, partials, path) in states.items():
+        for state, (score, path) in states.items():
             live = dict(zip(g.live[k], state))
             for choice in choices(g, k, t, live):
                 key = ("step", t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
                 if key not in g.memo:
                     g.memo[key] = step(g, t, constraint, k, choice, key[-1])
-                if (s := g.memo[key]) is None:
-                    continue
-                now = live | s.after
-                after = tuple(now[v] for v in g.live[k + 1])
-                score = (cost + s.units, kept + sum(b for _, b in s.kept), partials + (choice.partial is not None))
-                if after not in following or score < following[after][:3]:
-                    following[after] = (*score, (choice, path))
+                if (s := g.memo[key]) is not None:
+                    now, more = live | s.after, (s.units, sum(b for _, b in s.kept), choice.partial is not None)
+                    cheapest(following, tuple(now[v] for v in g.live[k + 1]), plus(score, more), path + (choice,))
         states = following
     return states
 
+def cheapest(states, state, score, path):
+    """Keeps the cheapest way to each state. A score is (ring bytes in units of (t-1)/t, activation bytes kept,
+    reads of partial sums), compared in that order: ties go to less memory, then to fewer partial reads."""
+    if state not in states or score < states[state][0]:
+        states[state] = (score, path)
+
+def plus(score, more):
+    return tuple(a + b for a, b in zip(score, more))
+
 def segments(g):
-    """The ops cut where one value alone is live (between blocks, or sub-blocks): each run, with the first run it
-    repeats and the index map that makes it that one. A stack of identical blocks is solved once."""
+    """The ops cut where one value alone is live (between blocks, or sub-blocks): each run, with the first run of
+    its form and the index map that makes it that one. A stack of identical blocks is solved once."""
     cuts = sorted({0, len(g.ops)} | {k for k in range(len(g.ops)) if len(g.live[k]) == 1})
-    found, seen = [], {}
+    found, first = [], {}
     for a, b in zip(cuts, cuts[1:]):
-        key = tuple((op.kind, g.values[next(o for o in op.outputs if o)].shape) for op in g.ops[a:b])
-        match = next(((a0, m) for a0 in seen.get(key, []) if (m := _same(g, a0, a, b - a)) is not None), None)
-        found.append((a, b, match or (a, {})))
-        seen.setdefault(key, []).extend([a] * (match is None))
+        form, indices = _form(g, a, b)
+        a0, indices0 = first.setdefault(form, (a, indices))
+        found.append((a, b, (a0, dict(zip(indices0, indices)) if a0 != a else {})))
     return found
 
-def _same(g, a, b, n):
-    """The index map from ops a..a+n to ops b..b+n if they are the same ops on the same shapes, reading values made
-    at the same places; else None."""
-    fmap, back, made = {}, {}, {o: (k, i) for k, op in enumerate(g.ops) for i, o in enumerate(op.outputs) if o}
-
-    def role(v, start):  # the segment's first value (an input or not), a value it makes, or a leaf
-        k, i = made.get(v, (-1, 0))
-        return ("first",) if v in g.live[start] else (g.values[v].kind, g.values[v].shape, k - start if k >= start
-                                                      else None, i)
-
-    def constants(op):  # its arguments less its tensors
-        return repr(fx.node.map_arg(op.node.args, lambda _: 0))
-
-    for x, y in zip(g.ops[a:a + n], g.ops[b:b + n]):
-        if x.kind != y.kind or constants(x) != constants(y):
-            return None
-        for u, w in zip(x.inputs + x.outputs, y.inputs + y.outputs):
-            if (u is None) != (w is None) or u and role(u, a) != role(w, b):
-                return None
-            for f, h in zip(*[[f for d in g.values[z].dims for f in d] if z else [] for z in (u, w)]):
-                if fmap.setdefault(f, h) != h or back.setdefault(h, f) != f:
-                    return None
-    return fmap
+def _form(g, a, b):
+    """Ops a..b without their names: each op's kind and other arguments, each value's role (the run's first value,
+    a value it makes, or a leaf) and its indices numbered in order of appearance; and those indices."""
+    made = {o: (k - a, i) for k in range(a, b) for i, o in enumerate(g.ops[k].outputs) if o}
+    number, form = {}, []
+    for op in g.ops[a:b]:
+        form.append((op.kind, repr(fx.node.map_arg(op.node.args, lambda _: 0))))
+        for v in op.inputs + op.outputs:
+            if v is None:  # an unused output
+                form.append(None)
+                continue
+            val = g.values[v]
+            role = "first" if v in g.live[a] else (val.kind, val.shape, *made.get(v, (None, 0)))
+            form.append((role, tuple(tuple(number.setdefault(f, len(number)) for f in d) for d in val.dims)))
+    return tuple(form), list(number)
 
 def _rename(state, fmap):
     def p(q):
@@ -738,31 +734,22 @@ def _rename(state, fmap):
 def best(g, t, constraint, first):
     """The cheapest choices with input 0 placed `first`, or None: segment by segment, each solved once from each
     placement of its first value, for all its copies."""
-    states = {((first, frozenset()),) * (g.inputs[0] in g.live[0]): (0, 0, 0, None)}
+    states = {((first, frozenset()),) * (g.inputs[0] in g.live[0]): ((0, 0, 0), ())}
     for a, b, (a0, fmap) in segments(g):
         following, back = {}, {h: f for f, h in fmap.items()}
-        for state, (cost, kept, partials, path) in states.items():
+        for state, (score, path) in states.items():
             key = ("segment", t, constraint, a0, _rename(state, back))
             if key not in g.memo:
-                g.memo[key] = search(g, t, constraint, a0, a0 + b - a, {key[-1]: (0, 0, 0, None)})
-            for after, (c, m, pa, sub) in g.memo[key].items():
-                after, score = _rename(after, fmap), (cost + c, kept + m, partials + pa)
-                if after not in following or score < following[after][:3]:
-                    following[after] = (*score, ((sub, fmap), path))
+                g.memo[key] = search(g, t, constraint, a0, a0 + b - a, {key[-1]: ((0, 0, 0), ())})
+            for after, (more, sub) in g.memo[key].items():
+                sub = tuple(c._replace(index=fmap.get(c.index, c.index)) for c in sub)
+                cheapest(following, _rename(after, fmap), plus(score, more), path + sub)
         states = following
-    finals = []
-    for state, (cost, kept, partials, path) in states.items():
-        ends = [m for v, (p, reads) in zip(g.live[-1], state) for m in moves_of(g, v, p, reads | {returning(g, first, v, p)}, t)]
-        finals.append((cost + units(ends), kept, partials, path))
-    if not finals:
-        return None
-    path, found = min(finals, key=lambda f: f[:3])[3], []
-    while path:
-        (sub, fmap), path = path
-        while sub:
-            choice, sub = sub
-            found.append(choice._replace(index=fmap.get(choice.index, choice.index)))
-    return found[::-1]
+    finals = {}  # the values live at the end make their moves, the output returning to its input's placement
+    for state, (score, path) in states.items():
+        ends = [moves_of(g, v, p, reads | {returning(g, first, v, p)}, t) for v, (p, reads) in zip(g.live[-1], state)]
+        cheapest(finals, "end", plus(score, (units(m for ms in ends for m in ms), 0, 0)), path)
+    return finals["end"][1] if finals else None
 
 def account(g, t, constraint, first, chosen):
     """The Plan of one choice per op, input 0 placed `first` (None if it breaks the constraint): its moves in graph
@@ -918,22 +905,20 @@ def apply_move(x, move, dims, size, group):
           "slice": lambda y: y.chunk(t)[rank], "partial": lambda y: Moving.apply(y, "mask", "-", group)}[move.name]
     return along(x, dims, move.index, fn, size) if move.index else fn(x)
 
-class Regathered:
-    """The shard of a gathered tensor that ops keep for backward instead of the tensor: gathered again when
-    backward first needs it, once however many ops keep it (as nanosp's LinearWithSequenceGather does)."""
+def regathered(shard, gather):
+    """What ops keep for backward of a gathered tensor instead of it: its shard, gathered again when backward first
+    needs it, once however many ops keep it (as nanosp's LinearWithSequenceGather does)."""
+    shard = shard.detach()
 
-    def __init__(self, shard, gather):
-        self.shard, self.gather, self.whole = shard.detach(), gather, None
-
-    def get(self):
-        if self.whole is None:
-            with torch.no_grad():
-                self.whole = self.gather(self.shard)
-        return self.whole
+    @functools.cache
+    def whole():
+        with torch.no_grad():
+            return gather(shard)
+    return whole
 
 def _regathering(kept):
-    """Within an op, a saved tensor that views a gathered one is kept as its Regathered shard and rebuilt in
-    backward by its strides. kept: [(gathered tensor, Regathered)]."""
+    """Within an op, a saved tensor that views a gathered one is kept as its regathered shard and rebuilt in
+    backward by its strides. kept: [(gathered tensor, regathered)]."""
     holders = {x.untyped_storage().data_ptr(): holder for x, holder in kept}
 
     def pack(x):
@@ -941,7 +926,7 @@ def _regathering(kept):
         return x if holder is None else (holder, x.shape, x.stride(), x.storage_offset())
 
     def unpack(packed):
-        return packed if torch.is_tensor(packed) else packed[0].get().as_strided(*packed[1:])
+        return packed if torch.is_tensor(packed) else packed[0]().as_strided(*packed[1:])
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 class Sharded(torch.nn.Module):
@@ -989,7 +974,7 @@ class Sharded(torch.nn.Module):
                 if chain and chain[-1].name == "regather":  # kept as the shard its gather started from
                     if (x.name, chain) not in holders:
                         gather = functools.partial(self._move, v=x.name, move=chain[-2])
-                        holders[x.name, chain] = Regathered(moved[x.name, chain[:-2]], gather)
+                        holders[x.name, chain] = regathered(moved[x.name, chain[:-2]], gather)
                     kept.append((local[x.name], holders[x.name, chain]))
             target, args = _local_shapes(op, list(_local(op.node.args, local, inputs[0].device)),
                                          [plan.placements.get(o) for o in op.outputs], g, plan.t)
@@ -1062,9 +1047,7 @@ def _local_shapes(op, args, placements, g, t):
         args[1] = sizes if op.kind == "split_with_sizes" else next(s for s in sizes if s)
     return op.node.target, args
 
-def shard(module, plan, group):
-    """module run as `plan` on this rank of `group` (of size plan.t): a Sharded module."""
-    return Sharded(module, plan, group)
+shard = Sharded  # shard(module, plan, group): module run as `plan` on this rank of `group` (of size plan.t)
 
 # ----------------------------------------------------------------------------------------------
 # python autoshard.py: nanosp's Block, rediscovered
