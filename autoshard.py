@@ -176,8 +176,7 @@ def _pointwise(saves, linear):
                    saves=tuple(kept), view=True)
     return rule
 
-def _reduction(linear):
-    """sum, mean: linear, and a split along a summed index gives P; the others cannot split it."""
+def _reduction(linear):  # sum, mean (linear): split along a summed index, the output is P; the others: whole
     def rule(g, node, a):
         x = a["self"]
         dx, gone = g.dims(x), _gone(a.get("dim"), len(g.shape(x)))
@@ -187,8 +186,7 @@ def _reduction(linear):
         return Law([out], whole=[dx[k] for k in gone], saves=(x, "out"))
     return rule
 
-def _contraction(g, node, a):
-    """linear, mm, addmm, bmm, matmul: x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias."""
+def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias
     name = op_name(node)
     x, w, bias = (a.get(arg) for arg in {"linear": ("input", "weight", "bias"), "addmm": ("mat1", "mat2", "self"),
                                          "matmul": ("self", "other", None)}.get(name, ("self", "mat2", None)))
@@ -202,7 +200,6 @@ def _contraction(g, node, a):
     return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
 def _norm(g, node, a):
-    """layer_norm, rms_norm: the normalised dims whole; keeps x and each row's statistics."""
     x, k = a["input"], len(a["normalized_shape"])
     dx = g.dims(x)
     _align(g, node, dx[-k:], [p for p in (a.get("weight"), a.get("bias")) if p is not None])
@@ -250,8 +247,7 @@ def _shape_op(g, node, a):
         whole, dx[k] = (dx[k], new), new
     return Law([dx], whole=whole, linear=((x,),), view=True)
 
-def _split(g, node, a):
-    """split, unbind: equal parts of a dim that becomes (parts, rest), the parts whole; unequal parts whole."""
+def _split(g, node, a):  # equal parts: the dim becomes (parts, rest), the parts whole; unequal parts: whole
     x, shapes, name = a["self"], [tuple(o.shape) for o in node.meta["val"]], op_name(node)
     dx, k = g.dims(x), a.get("dim", 0) % len(g.shape(x))
     if name == "unbind":
@@ -264,7 +260,6 @@ def _split(g, node, a):
     return Law(outs, whole=(dx[k],) + tuple(o[k] for o in outs), linear=((x,),), view=True)
 
 def _cat(g, node, a):
-    """cat, stack: the other dims shared; the joined (or new) dim whole."""
     xs, shape, stack = a["tensors"], g.shape(node), op_name(node) == "stack"
     k, out = a["dim"] % len(shape), [()] * len(shape)
     for x in xs:
@@ -310,22 +305,6 @@ RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
 MAKERS = set("arange ones zeros full empty scalar_tensor zeros_like ones_like full_like empty_like new_ones new_zeros "
              "new_full new_empty tensor".split())  # made whole on each rank: no rule needed
 
-def print_rules():
-    print("An op split along index i reads each input that holds i split, S(i), and the others whole, R; its output is "
-          "S(i), or P (partial sums) if it summed over i. An op linear in inputs may read them as P and give P, so "
-          "branches that add up are reduced once. Ops on constants alone (masks, rotary tables) run whole on every "
-          "rank and need no rule.\n")
-    table(["ATen ops", "indices", "cannot split", "linear in (P in, P out)", "keeps for backward"],
-          [(", ".join(names.split()[:6]) + " ..." * (len(names.split()) > 6), *text) for names, _, *text in RULES])
-    print("\nMoves: what serves a tensor placed `from` to a reader of it placed `to`; N its whole bytes.\n")
-    table(["move", "from -> to", "forward", "backward", "ring bytes per rank", "in nanosp.py"],
-          [(name, fromto, " + ".join(fwd) or "-", " + ".join(bwd) or "-",
-            f"{sum(RING[o] for o in fwd + bwd)} (t-1)/t N", helper) for name, (fwd, bwd, fromto, helper) in MOVES.items()])
-
-def table(headers, rows):
-    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers) + "".join(
-        "\n| " + " | ".join(str(x) for x in row) + " |" for row in rows))
-
 # ----------------------------------------------------------------------------------------------
 # the traced graph, every dimension named
 
@@ -351,7 +330,6 @@ class Op(NamedTuple):
     inputs: tuple           # the values it reads, constants aside, each once
     outputs: tuple          # the values it makes (None where unused)
     law: Law                # after tracing: value names, and sets of indices
-    where: str              # its source line
 
 class Graph:
     """A module traced to ATen ops, every dimension of every tensor named, every op read by its rule. Nothing is
@@ -362,7 +340,8 @@ class Graph:
         for i, x in enumerate(inputs):
             if not torch.is_tensor(x):
                 raise ValueError(f"example input {i} is a {type(x).__name__}: discover takes tensors")
-        self.module, self.names, self.shapes_in = type(module).__name__, _dim_names(inputs, dims), [x.shape for x in inputs]
+        self.module, self.names = type(module).__name__, _dim_names(inputs, dims)
+        self.shapes_in = [x.shape for x in inputs]
         self.element_size = next((x.element_size() for x in inputs if x.is_floating_point()), 4)
         self.ep = trace(module, inputs)
         self.idx, self.values, self.ops, self.constants, self.inputs, self.memo = Indices(), {}, [], [], [], {}
@@ -433,7 +412,7 @@ class Graph:
             if o:
                 self.values[o].dims = d
         seen = tuple(dict.fromkeys(x.name for x in ins if self.values[x.name].kind != "constant"))
-        self.ops.append(Op(node.name, node, name, seen, outs, law, source(node)))
+        self.ops.append(Op(node.name, node, name, seen, outs, law))
 
     def _freeze(self):
         """Every dim in its finest factors; the laws in value names and index sets; what is live when."""
@@ -587,7 +566,7 @@ class Choice(NamedTuple):
     partial: Optional[int] = None
 
 class Stepped(NamedTuple):
-    after: dict             # each output's and input's (placement, reads so far) after the op; None: read for the last time
+    after: dict             # each output's and input's (placement, reads so far) after it; None: its last read
     done: tuple             # (value, placement, reads) of each value read for the last time
     units: int              # their moves' ring bytes, in units of (t-1)/t
     kept: tuple             # ((value, placement), bytes on one rank) of what the op keeps for backward
@@ -787,16 +766,15 @@ def discover(module, example_inputs, t, dims=None, constraint="weights"):
         raise ValueError(f"t={t!r} must be an int >= 2: the number of ranks to shard over")
     return solve(Graph(module, example_inputs, dims), t, constraint)
 
-def solve(g, t, constraint):
-    """discover's search, on a traced Graph."""
+def solve(g, t, constraint):  # discover's search, on a traced Graph
     sizes = sorted({n for n in g.idx.size.values() if n > 1})
     if not any(n % t == 0 for n in sizes):
         raise ValueError(f"t={t} divides no dimension of {g.module}'s tensors (their sizes: {sizes})")
     seq = [f for f in g.sequence if g.idx.size[f] % t == 0]
     if constraint == "activations" and not seq:  # input 0 split along its sequence, as the paper's SP splits it
         size = g.shapes_in[0][g.names[0].index("T")] if g.sequence else None
-        raise ValueError("constraint='activations' splits input 0 along its sequence dimension T: "
-                         + (f"its size {size} is not divisible by t={t}" if g.sequence else "name it T"))
+        why = f"its size {size} is not divisible by t={t}" if g.sequence else "name it T"
+        raise ValueError(f"constraint='activations' splits input 0 along its sequence dimension T: {why}")
     first = S(seq[0]) if constraint == "activations" else R
     gc.disable()  # the search makes many small tuples, none of them cyclic: the collector would only slow it
     try:
@@ -849,17 +827,19 @@ class Plan:
 
     def __str__(self):
         g, mib = self.graph, lambda b: f"{b / 2**20:,.2f} MiB"
-        made = {o: op.where for op in g.ops for o in op.outputs if o}
-        return "\n".join(
-            [f"{g.module} at t={self.t}, constraint={self.constraint!r}: {self.bytes_sent:,} bytes sent per rank, forward "
-             f"+ backward (ring); per rank {mib(self.param_bytes)} of parameters, {mib(self.activation_bytes)} of "
-             f"activations kept", f"  input 0 {tuple(g.shapes_in[0])}: {self.describe(g.inputs[0])}"
-             + "; the output returns to it" * g.aligned]
-            + [f"  {v.target!r:34} {str(v.shape):14} {self.describe(v.name)}" for v in g.values.values()
-               if v.kind == "parameter"]
-            + [f"  {m.move.name:8} {g.values[m.value].target or m.value:12} {str(g.values[m.value].shape):16} forward "
-               f"{' + '.join(m.ops('forward')) or '-':15} backward {' + '.join(m.ops('backward')) or '-':28} "
-               f"{m.nbytes:>13,} B  {made.get(m.value, '')}" for m in self.moves if m.ops("forward") + m.ops("backward")])
+        made = {o: source(op.node) for op in g.ops for o in op.outputs if o}
+        lines = [f"{g.module} at t={self.t}, constraint={self.constraint!r}: {self.bytes_sent:,} bytes sent per rank, "
+                 f"forward + backward (ring); per rank {mib(self.param_bytes)} of parameters, "
+                 f"{mib(self.activation_bytes)} of activations kept", f"  input 0 {tuple(g.shapes_in[0])}: "
+                 f"{self.describe(g.inputs[0])}" + "; the output returns to it" * g.aligned]
+        lines += [f"  {v.target!r:34} {str(v.shape):14} {self.describe(v.name)}" for v in g.values.values()
+                  if v.kind == "parameter"]
+        for m in self.moves:
+            forward, backward, v = " + ".join(m.ops("forward")), " + ".join(m.ops("backward")), g.values[m.value]
+            if forward or backward:
+                lines.append(f"  {m.move.name:8} {v.target or v.name:12} {str(v.shape):16} forward {forward or '-':15} "
+                             f"backward {backward or '-':28} {m.nbytes:>13,} B  {made.get(v.name, '')}")
+        return "\n".join(lines)
 
 # ----------------------------------------------------------------------------------------------
 # 6. run: the traced graph on this rank's shards
@@ -947,7 +927,7 @@ class Sharded(torch.nn.Module):
                 got = "missing" if w is None else "on the meta device" if w.is_meta else f"{tuple(w.shape)} {w.dtype}"
                 raise ValueError(f"{type(module).__name__} does not fit the plan: parameter {v.target} is {got}; the "
                                  f"plan's is {v.shape} {want.dtype}")
-            self.local[v.name] = torch.nn.Parameter(self._part(w.detach(), v.name).clone(), requires_grad=w.requires_grad)
+            self.local[v.name] = torch.nn.Parameter(self._part(w.detach(), v.name).clone(), w.requires_grad)
         specs = {s.arg.name: s.target for s in g.ep.graph_signature.input_specs}
         self.constants = {v: full.get(target, g.ep.constants.get(target)) for v, target in specs.items()
                           if g.values[v].kind == "constant"}
@@ -956,8 +936,8 @@ class Sharded(torch.nn.Module):
                              f"an instance with real buffers, or make them buffers")
         device = next(iter(self.local.values()), torch.empty(0)).device
         for node, outs in g.constants:  # masks, rotary tables: made whole on every rank, once
-            made = node.target(*_local(node.args, self.constants, device), **_local(node.kwargs, self.constants, device))
-            _bind(self.constants, outs, made)
+            args, kwargs = _local(node.args, self.constants, device), _local(node.kwargs, self.constants, device)
+            _bind(self.constants, outs, node.target(*args, **kwargs))
         self.recipes = {v: recipe(plan.placements[v], reads, via(g, v, t)) for v, reads in plan.reads.items()}
 
     def forward(self, *inputs):
@@ -966,7 +946,7 @@ class Sharded(torch.nn.Module):
             raise ValueError(f"inputs of shapes {[tuple(x.shape) for x in inputs]}; the plan was discovered for "
                              f"{[tuple(s) for s in g.shapes_in]}")
         env, moved, holders = dict(self.local) | self.constants, {}, {}
-        env.update((v, self._part(x, v)) for v, x in zip(g.inputs, inputs))  # the full inputs to this rank's: not priced
+        env.update((v, self._part(x, v)) for v, x in zip(g.inputs, inputs))  # the full inputs to this rank's
         for op in g.ops:
             choice, local, kept = plan.choices[op.name], {}, []
             for x in dict.fromkeys(_nodes((op.node.args, op.node.kwargs))):
@@ -990,11 +970,9 @@ class Sharded(torch.nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _read(self, v, rd, env, moved):
-        """Value v as an op reads it (rd), and its chain of moves: each prefix of the plan's chain made once."""
-        if self.plan.graph.values[v].kind == "constant":  # whole on every rank: sliced, or rank 0's as a partial sum
-            how = {"S": "slice", "P": "partial"}.get(rd.placement.kind)
-            return (self._move(env[v], v, Move(how, rd.placement.index)) if how else env[v]), ()
-        chain = self.recipes[v][rd]
+        """Value v as an op reads it (rd), and its chain of moves: each prefix of the plan's chain made once. A
+        constant is whole on every rank: sliced, or rank 0's as a partial sum, for free."""
+        chain = _narrow(rd) if self.plan.graph.values[v].kind == "constant" else self.recipes[v][rd]
         moved.setdefault((v, ()), env[v])
         for n in range(1, len(chain) + 1):
             if (v, chain[:n]) not in moved:
@@ -1017,20 +995,17 @@ class Sharded(torch.nn.Module):
     def full_grads(self):
         """Collective: {the module's parameter name: its unsharded gradient (None if it has none)}, every rank."""
         g, placements = self.plan.graph, self.plan.placements
-        return {g.values[v].target: None if w.grad is None else self._full(w.grad.detach(), v, placements.get(v, R)).clone()
-                for v, w in self.local.items()}
+        return {g.values[v].target: w.grad if w.grad is None else
+                self._full(w.grad.detach(), v, placements.get(v, R)).clone() for v, w in self.local.items()}
 
 def _bind(env, outs, result):
     """An op's results into env under its outputs' names (None: unused)."""
     env.update((o, r) for o, r in zip(outs, result if len(outs) > 1 else [result]) if o)
 
 def _local(args, env, device):
-    """An op's arguments on this rank: values from env, devices this rank's."""
-    if isinstance(args, (list, tuple)):
-        return type(args)(_local(a, env, device) for a in args)
-    if isinstance(args, dict):
-        return {k: device if k == "device" else _local(a, env, device) for k, a in args.items()}
-    return env[args.name] if isinstance(args, fx.Node) else args
+    """An op's arguments (or keyword arguments) on this rank: values from env, the device this rank's."""
+    args = fx.node.map_arg(args, lambda node: env[node.name])
+    return {k: device if k == "device" else a for k, a in args.items()} if isinstance(args, dict) else args
 
 def _local_shapes(op, args, placements, g, t):
     """The op and its arguments with the shapes in them this rank's: a view's, an expand's, a split's."""
@@ -1050,7 +1025,23 @@ def _local_shapes(op, args, placements, g, t):
 shard = Sharded  # shard(module, plan, group): module run as `plan` on this rank of `group` (of size plan.t)
 
 # ----------------------------------------------------------------------------------------------
-# python autoshard.py: nanosp's Block, rediscovered
+# python autoshard.py: the rules, and nanosp's Block rediscovered
+
+def print_rules():
+    print("An op split along index i reads each input that holds i split, S(i), and the others whole, R; its output is "
+          "S(i), or P (partial sums) if it summed over i. An op linear in inputs may read them as P and give P, so "
+          "branches that add up are reduced once. Ops on constants alone (masks, rotary tables) run whole on every "
+          "rank and need no rule.\n")
+    table(["ATen ops", "indices", "cannot split", "linear in (P in, P out)", "keeps for backward"],
+          [(", ".join(names.split()[:6]) + " ..." * (len(names.split()) > 6), *text) for names, _, *text in RULES])
+    print("\nMoves: what serves a tensor placed `from` to a reader of it placed `to`; N its whole bytes.\n")
+    table(["move", "from -> to", "forward", "backward", "ring bytes per rank", "in nanosp.py"],
+          [(name, fromto, " + ".join(fw) or "-", " + ".join(bw) or "-", f"{sum(RING[o] for o in fw + bw)} (t-1)/t N",
+            helper) for name, (fw, bw, fromto, helper) in MOVES.items()])
+
+def table(headers, rows):
+    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers) + "".join(
+        "\n| " + " | ".join(str(x) for x in row) + " |" for row in rows))
 
 def main():
     parser = argparse.ArgumentParser(description="Discover the plans of one nanosp Block (GPT-3 Medium's shape).")
