@@ -566,7 +566,7 @@ class Choice(NamedTuple):
     partial: Optional[int] = None
 
 class Stepped(NamedTuple):
-    after: dict             # each output's and input's (placement, reads so far) after it; None: its last read
+    after: dict             # each input's and output's (placement, reads so far) after it; None: its last read
     done: tuple             # (value, placement, reads) of each value read for the last time
     units: int              # their moves' ring bytes, in units of (t-1)/t
     kept: tuple             # ((value, placement), bytes on one rank) of what the op keeps for backward
@@ -617,7 +617,7 @@ def step(g, t, constraint, k, choice, entries):
     partial_out = choice.partial is not None or choice.index in law.summed
     outs = {o: S(choice.index) if choice.index in g.values[o].factors else P if partial_out else R
             for o in op.outputs if o}
-    after, done, kept = {o: (p, frozenset()) for o, p in outs.items()}, [], []
+    after, done, kept = {}, [], []
 
     def keep(key, shape, p):  # a tensor kept for backward, placed p: its bytes on one rank; False if it breaks
         kept.append((key, math.prod(shape) * g.element_size // (t if p.kind == "S" else 1)))
@@ -643,6 +643,7 @@ def step(g, t, constraint, k, choice, entries):
         if not keep((op.name, i), [g.idx.size[f] for d in dims for f in d],
                     S(choice.index) if any(choice.index in d for d in dims) else R):
             return None
+    after.update((o, (p, frozenset())) for o, p in outs.items())
     return Stepped(after, tuple(done), units(m for d in done for m in moves_of(g, *d, t)), tuple(kept))
 
 def returning(g, first, v, p):
@@ -740,8 +741,8 @@ def account(g, t, constraint, first, chosen):
             return None
         for v, p, reads in s.done:
             moves += moves_of(g, v, p, reads, t)
-            reads_of[v], placed[v] = reads, placed.get(v, p)  # a leaf read once: placed as it is read
-        placed.update((v, e[0]) for v, e in s.after.items() if e and v not in placed)
+            reads_of[v] = reads
+        placed.update({v: p for v, p, _ in s.done} | {v: e[0] for v, e in s.after.items() if e})  # read, or made
         live.update(s.after)
         kept.update(s.kept)
     for v in g.live[-1]:
@@ -873,18 +874,6 @@ def along(x, dims, index, fn, size):
     y = fn(x.reshape(*x.shape[:d], *sizes, *x.shape[d + 1:]).movedim(d + j, 0)).movedim(0, d + j)
     return y.reshape(*y.shape[:d], math.prod(y.shape[d:d + len(sizes)]), *y.shape[d + len(sizes):]).contiguous()
 
-def apply_move(x, move, dims, size, group):
-    """One move on this rank: nanosp's f, f̄, g, ḡ where they apply, the other moves by Moving or slicing."""
-    if move.name == "regather":  # the gathered tensor itself: _regathering keeps its shard for backward
-        return x
-    t, rank = nanosp.group_size(group), nanosp.group_rank(group)
-    fn = {"f": lambda y: nanosp.f(y, group), "f̄": lambda y: nanosp.f_bar(y, group),
-          "g": lambda y: nanosp.g(y, group), "ḡ": lambda y: nanosp.g_bar(y, group),
-          "gather": lambda y: Moving.apply(y, "gather", "slice", group),
-          "split": lambda y: Moving.apply(y, "slice", "gather", group),
-          "slice": lambda y: y.chunk(t)[rank], "partial": lambda y: Moving.apply(y, "mask", "-", group)}[move.name]
-    return along(x, dims, move.index, fn, size) if move.index else fn(x)
-
 def regathered(shard, gather):
     """What ops keep for backward of a gathered tensor instead of it: its shard, gathered again when backward first
     needs it, once however many ops keep it (as nanosp's LinearWithSequenceGather does)."""
@@ -980,8 +969,17 @@ class Sharded(torch.nn.Module):
         return moved[v, chain], chain
 
     def _move(self, x, v, move):
-        g = self.plan.graph
-        return apply_move(x, move, g.values[v].dims, g.idx.size, self.group)
+        """One move of v on this rank: nanosp's f, f̄, g, ḡ where they apply, the others by Moving or slicing."""
+        if move.name == "regather":  # the gathered tensor itself: _regathering keeps its shard for backward
+            return x
+        group, g = self.group, self.plan.graph
+        t, rank = nanosp.group_size(group), nanosp.group_rank(group)
+        fn = {"f": lambda y: nanosp.f(y, group), "f̄": lambda y: nanosp.f_bar(y, group),
+              "g": lambda y: nanosp.g(y, group), "ḡ": lambda y: nanosp.g_bar(y, group),
+              "gather": lambda y: Moving.apply(y, "gather", "slice", group),
+              "split": lambda y: Moving.apply(y, "slice", "gather", group),
+              "slice": lambda y: y.chunk(t)[rank], "partial": lambda y: Moving.apply(y, "mask", "-", group)}[move.name]
+        return along(x, g.values[v].dims, move.index, fn, g.idx.size) if move.index else fn(x)
 
     def _part(self, x, v):
         """A full input or parameter to this rank's part of it (not priced)."""
