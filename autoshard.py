@@ -917,9 +917,8 @@ class Sharded(torch.nn.Module):
                 raise ValueError(f"{type(module).__name__} does not fit the plan: parameter {v.target} is {got}; the "
                                  f"plan's is {v.shape} {want.dtype}")
             self.local[v.name] = torch.nn.Parameter(self._part(w.detach(), v.name).clone(), w.requires_grad)
-        specs = {s.arg.name: s.target for s in g.ep.graph_signature.input_specs}
-        self.constants = {v: full.get(target, g.ep.constants.get(target)) for v, target in specs.items()
-                          if g.values[v].kind == "constant"}
+        self.constants = {v.name: full.get(v.target, g.ep.constants.get(v.target)) for v in g.values.values()
+                          if v.kind == "constant" and v.target}  # buffers and tensor constants (not made by ops)
         if any(c.is_meta for c in self.constants.values()):
             raise ValueError(f"{type(module).__name__}'s tensor constants were traced on the meta device: discover on "
                              f"an instance with real buffers, or make them buffers")
