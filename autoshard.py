@@ -992,8 +992,8 @@ class Sharded(torch.nn.Module):
     def full_grads(self):
         """Collective: {the module's parameter name: its unsharded gradient (None if it has none)}, every rank."""
         g, placements = self.plan.graph, self.plan.placements
-        return {g.values[v].target: w.grad if w.grad is None else
-                self._full(w.grad.detach(), v, placements.get(v, R)).clone() for v, w in self.local.items()}
+        return {g.values[v].target: self._full(w.grad.detach(), v, placements.get(v, R)).clone()
+                if w.grad is not None else None for v, w in self.local.items()}
 
 def _bind(env, outs, result):
     """An op's results into env under its outputs' names (None: unused)."""
