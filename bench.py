@@ -3,19 +3,26 @@
     python bench.py              # CPU, a few minutes: markdown tables on stdout, bench.json beside them
     python bench.py --quick      # small sizes, well under a minute (what test_bench.py runs)
 
-1. activation memory per layer, measured beside the paper's Table 2, at t = 1, 2, 4, 8
+1. activation memory: 1a per layer, measured beside the paper's Table 2, at t = 1, 2, 4, 8; 1b Table 2's
+   sequence-parallel rows beside the fused attention (sdpa): bytes, and FLOPs computed twice
 2. FLOPs of a training step with none / selective / full recompute, counted beside Appendix A
-3. bytes on the wire per layer for TP and TP+SP, collective by collective
+3. bytes on the wire per layer for TP and TP+SP: 3a collective by collective, 3b by what they move
+4. time on CPU: 4a milliseconds per training step at t = 2 (two gloo processes), beside the paper's
+   Table 4; 4b nanosp's dropout against F.dropout; 4c nanosp's training step at t = 1 against the
+   floor, the same arithmetic as bare PyTorch calls
+5. on CUDA only: 5a step times on one GPU, 5b each fused kernel against eager PyTorch and torch.compile
 6. what to recompute for an activation budget: the planner's frontier, GPT-3 175B and a measured nanosp
-4. milliseconds per training step at t = 2 (two gloo CPU processes), beside the paper's Table 4
-5. on CUDA only: step times on one GPU, and each fused kernel against eager PyTorch and torch.compile
 7. autoshard's search: a Llama-7B-shaped block planned on the meta device at t = 8, and a stack of 8
+
+`python bench.py --only NAME` runs one section: memory (1a), attention (1b), flops, communication,
+time (4a, 4b), floor (4c), cuda, frontier or autoshard.
 
 Tensor-parallel sizes above the number of processes are measured on one rank's shard with a
 "fake" process group: every shape and byte count is exact, the values are not.
 """
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -24,21 +31,24 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import ledgers
 import nanosp
 
 SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12288)
-    "full": dict(memory=dict(s=1024, h=512, a=8, b=1),
+    "full": dict(memory=dict(s=1024, h=512, a=8, b=1), attention=dict(seqs=(1024, 2048), h=512, a=8, b=1),
                  flops=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  frontier=dict(L=4, s=512, h=256, a=8, V=256, b=2),
                  time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=15, dropout=(16, 1024, 1024)),
+                 floor=dict(L=4, s=256, h=256, a=8, V=8192, b=8, reps=15),
                  cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50)),
                  autoshard=dict(h=4096, a=32, F=11008, s=4096, stack=8)),
-    "quick": dict(memory=dict(s=256, h=128, a=8, b=1),
+    "quick": dict(memory=dict(s=256, h=128, a=8, b=1), attention=dict(seqs=(128, 256), h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
                   frontier=dict(L=3, s=64, h=64, a=8, V=128, b=1),
                   time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3, dropout=(2, 64, 64)),
+                  floor=dict(L=2, s=64, h=64, a=4, V=256, b=2, reps=3),
                   cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3, kernels=dict(s=256, reps=5)),
                   autoshard=dict(h=256, a=8, F=688, s=256, stack=2)),
 }
@@ -76,7 +86,7 @@ def fake_groups(ts):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. activation memory (Table 2)
+# 1a. activation memory (Table 2)
 
 
 def bench_memory(size, groups):
@@ -88,7 +98,7 @@ def bench_memory(size, groups):
         for r in measured:
             rows.append(dict(r, t=t, vs_tp=by_name["tensor parallel"] / r["measured"],
                              vs_none=by_name["no parallelism"] / r["measured"]))
-    table(f"1. Activation memory per layer (Table 2): s={s} b={b} h={size['h']} a={size['a']}, "
+    table(f"1a. Activation memory per layer (Table 2): s={s} b={b} h={size['h']} a={size['a']}, "
           f"5as/h={5 * size['a'] * s // size['h']}, bf16, dropout 0.1; t > 1 measured on one rank's "
           f"shard with a fake process group",
           ["configuration", "t", "measured bytes", "formula bytes", "ratio", "reduction vs TP",
@@ -107,6 +117,50 @@ def paper_reduction(size, t):
     s, b, h, a = size["s"], size["b"], size["h"], size["a"]
     return (ledgers.paper_activation_bytes(s, b, h, a, t, False, "none")
             / ledgers.paper_activation_bytes(s, b, h, a, t, True, "selective"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1b. the core attention written out or fused: Table 2's sequence-parallel rows beside sdpa
+
+ATTENTION_ROWS = [  # (configuration, attention, recompute, dropout); sdpa takes no dropout
+    ("TP + SP", "explicit", "none", 0.1), ("TP + SP + selective (Table 2's row)", "explicit", "selective", 0.1),
+    ("TP + SP + selective, no dropout", "explicit", "selective", 0.0), ("TP + SP + sdpa", "sdpa", "none", 0.0),
+    ("TP + SP + sdpa + selective", "sdpa", "selective", 0.0)]
+
+
+def bench_attention(size, groups):
+    """One layer at t = the largest group: bytes measured (bf16) and by the ledger, and the FLOPs it
+    computes twice, counted by FlopCounterMode: forward + backward minus 3x forward."""
+    t, h, a, b = max(groups), size["h"], size["a"], size["b"]
+    rows = []
+    for s in size["seqs"]:
+        for name, attention, recompute, p in ATTENTION_ROWS:
+            cfg = config(dict(size, s=s), sequence_parallel=True, recompute=recompute, dropout=p, attention=attention)
+            measured, _ = ledgers.measure_activation_bytes(cfg, groups[t], b, s, torch.bfloat16)
+            forward, total = ledgers.count_layer_flops(cfg, groups[t], b, s)
+            rows.append(dict(s=s, configuration=name, attention=attention, recompute=recompute, dropout=p,
+                             measured=measured, ledger=ledgers.layer_activation_bytes(s, b, h, a, t, True, recompute,
+                                                                                     p > 0, 2, attention),
+                             formula=ledgers.paper_activation_bytes(s, b, h, a, t, True, recompute)
+                             if attention == "explicit" and p > 0 else None, twice=total - 3 * forward,
+                             step_flops=total))
+    table(f"1b. The core attention written out or fused (F.scaled_dot_product_attention), one layer: h={h} a={a} "
+          f"b={b} t={t} with SP, bf16; bytes measured by saved_tensors_hooks and by the ledger; FLOPs computed "
+          f"twice = counted forward + backward - 3 x forward (FlopCounterMode), per rank",
+          ["s", "configuration", "dropout", "measured bytes", "ledger bytes", "Table 2 formula", "FLOPs computed twice",
+           "of the layer's step"],
+          [(r["s"], r["configuration"], r["dropout"], f"{r['measured']:,}", f"{r['ledger']:,}",
+            "-" if r["formula"] is None else f"{r['formula']:,.0f}", f"{r['twice']:,}",
+            f"{100 * r['twice'] / r['step_flops']:.2f}%") for r in rows])
+    by = {(r["s"], r["configuration"]): r["measured"] for r in rows}
+    s = max(size["seqs"])
+    sdpa, table2, plain = (by[s, name] for name in ("TP + SP + sdpa", "TP + SP + selective (Table 2's row)",
+                                                    "TP + SP + selective, no dropout"))
+    print(f"\nAt s={s}: sdpa keeps {sdpa:,} bytes, {100 * (1 - sdpa / table2):.1f}% less than Table 2's TP + SP + "
+          f"selective row ({table2:,}, with its dropout masks), and {sdpa - plain:,} more than selective without "
+          f"dropout: the kernel's log-sum-exp, 4 bytes per head and row. The fused kernel is selective recomputation "
+          f"of QK^T (2Bs^2h/t FLOPs) done inside its own backward.")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,77 +247,27 @@ def bench_communication(size, groups):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. what to recompute for a memory budget
+# 4. time on CPU: 4a per training step (Table 4), 4b dropout, 4c against a bare-PyTorch floor
 
 
-def frontier(cfg, t, B, T, dtype):
-    """The planner's choice for budgets from no recompute down to full recompute of every layer:
-    the bytes of n layers moved from none to selective, then of n layers from selective to full."""
-    costs, L = ledgers.recompute_costs(cfg, t, B, T, dtype), cfg.n_layer
-    counts = [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]  # (full, selective)
-    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.plan_of(costs, ledgers.counted_modes(L, *c)).activation_bytes)
-             for c in counts]
-    return list(dict.fromkeys(plans))  # in order, without repeats
-
-
-STATIC = {"none": "static: none", "selective": "static: selective (the paper's choice)", "full": "static: full"}
-
-
-def frontier_rows(name, cfg, t, B, T, dtype, V, shown=None, measure_group=None):
-    """One row per plan on the frontier (every `shown`-th, and the static choices), with the
-    recompute overhead as a share of the step's FLOPs; measured by the activation ledger if asked."""
-    step_flops = ledgers.exact_training_flops(B, cfg.n_layer, T, cfg.n_embd, V) / t
-    rows = []
-    for i, plan in enumerate(frontier(cfg, t, B, T, dtype)):
-        static = next((label for m, label in STATIC.items() if plan.modes == (m,) * cfg.n_layer), "")
-        if shown and i % shown and not static:
-            continue
-        row = dict(model=name, plan=str(plan), static=static, activation_bytes=plan.activation_bytes,
-                   recompute_flops=plan.recompute_flops, overhead=plan.recompute_flops / step_flops, measured=None)
-        if measure_group is not False:
-            variant = nanosp.GPTConfig(**{**cfg.__dict__, "recompute": plan.modes})
-            row["measured"] = ledgers.measure_activation_bytes(variant, measure_group, B, T, dtype, paper_bytes=False,
-                                                               n_layer=cfg.n_layer)[0]
-        rows.append(row)
-    return rows
-
-
-def bench_frontier(size, groups):
-    big = PAPER_MODELS[0][1]
-    gpt3 = nanosp.GPTConfig(vocab_size=big["V"], block_size=big["s"], n_layer=big["L"], n_head=96, n_embd=big["h"],
-                            dropout=0.1, sequence_parallel=True)
-    small = config(size, sequence_parallel=True)
-    t = max(groups)
-    rows = frontier_rows(f"GPT-3 175B, t={t}, SP, analytic", gpt3, t, 1, big["s"], torch.bfloat16, big["V"],
-                         shown=12, measure_group=False)
-    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, measured",
-                          small, t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
-    table("6. What to recompute for an activation budget: the planner's choice as the budget shrinks, bf16, "
-          "dropout 0.1; bytes per rank saved by all layers, recompute FLOPs as a share of the step's",
-          ["model", "plan", "", "activation bytes", "measured bytes", "recompute overhead"],
-          [(r["model"], r["plan"], r["static"], f"{r['activation_bytes']:,}",
-            "-" if r["measured"] is None else f"{r['measured']:,}", f"{100 * r['overhead']:.2f}%") for r in rows])
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. time per training step (Table 4)
-
-
-def time_steps(models, idx, reps, sync):
+def time_steps(models, idx, reps, sync, cpu=None):
     """Median ms of forward + backward per model, run interleaved (A B C ... A B C ...) after one
-    warm-up round, so that drift in the machine's speed touches every model alike."""
-    times = {name: [] for name in models}
+    warm-up round, so that drift in the machine's speed touches every model alike. A dict `cpu`
+    receives the median CPU time of this thread, which other processes on the machine barely move."""
+    times, cpu_times = {name: [] for name in models}, {name: [] for name in models}
     for rep in range(reps + 1):
         for name, model in models.items():
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             _, loss = model(idx, idx)
             loss.backward()
             sync()
             if rep:
                 times[name].append(1e3 * (time.perf_counter() - start))
+                cpu_times[name].append(1e3 * (time.thread_time() - cpu_start))
             model.zero_grad(set_to_none=True)
+    if cpu is not None:
+        cpu.update({name: statistics.median(ms) for name, ms in cpu_times.items()})
     return {name: statistics.median(ms) for name, ms in times.items()}
 
 
@@ -321,7 +325,7 @@ def time_table(title, columns, paper):
 
 def bench_time(size):
     columns = run_world(2, _time_worker, (size,), timeout=400)
-    rows = time_table(f"4. Time per training step, forward + backward, t=2 (two gloo CPU processes, one thread "
+    rows = time_table(f"4a. Time per training step, forward + backward, t=2 (two gloo CPU processes, one thread "
                       f"each): L={size['L']} s={size['s']} h={size['h']} a={size['a']} b={size['b']} float32; "
                       f"median of {size['reps']} interleaved rounds; ratio to TP", columns, PAPER_TABLE4)
     print("\nTP+SP sends the activation bytes of TP plus the backward re-gather (table 3b), over gloo here; the "
@@ -353,6 +357,72 @@ def bench_dropout(shape, reps):
           f"thread), median of {reps}", ["op", "ms", "ratio to F.dropout"],
           [(name, f"{t:.1f}", f"{t / ms['F.dropout']:.2f}") for name, t in ms.items()])
     return ms
+
+
+def floor_loss(w, idx, targets, n_layer, n_head, attention):
+    """nanosp's arithmetic (GPT-2, tied embeddings, tanh GeLU) as bare PyTorch calls on an unsharded
+    state dict w, laid out (B, T, C) as nanoGPT does: the floor nanosp's step is measured against."""
+    (B, T), C = idx.shape, w["wpe.weight"].shape[1]
+    x = F.embedding(idx, w["wte.weight"]) + w["wpe.weight"][:T]
+    causal = torch.full((T, T), float("-inf")).triu(1)
+    for i in range(n_layer):
+        p = {name[len(f"h.{i}."):]: t for name, t in w.items() if name.startswith(f"h.{i}.")}
+        y = F.layer_norm(x, (C,), p["ln_1.weight"], p["ln_1.bias"], 1e-5)
+        q, k, v = F.linear(y, p["attn.c_attn.weight"], p["attn.c_attn.bias"]).split(C, dim=2)
+        q, k, v = (z.view(B, T, n_head, C // n_head).transpose(1, 2) for z in (q, k, v))  # (B, a, T, d)
+        if attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.softmax(torch.add(causal, q @ k.transpose(-2, -1), alpha=1 / math.sqrt(C // n_head)), dim=-1) @ v
+        y = y.transpose(1, 2).reshape(B, T, C)
+        x = x + F.linear(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+        y = F.layer_norm(x, (C,), p["ln_2.weight"], p["ln_2.bias"], 1e-5)
+        y = F.gelu(F.linear(y, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"]), approximate="tanh")
+        x = x + F.linear(y, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+    x = F.layer_norm(x, (C,), w["ln_f.weight"], w["ln_f.bias"], 1e-5)
+    return F.cross_entropy(F.linear(x, w["wte.weight"]).flatten(0, 1), targets.flatten())
+
+
+class Floor:
+    """floor_loss on its own copy of a model's unsharded weights, called like the model."""
+
+    def __init__(self, model):
+        self.cfg, self.w = model.cfg, {n: p.requires_grad_() for n, p in model.full_state_dict().items()}
+
+    def __call__(self, idx, targets):
+        return None, floor_loss(self.w, idx, targets, self.cfg.n_layer, self.cfg.n_head, self.cfg.attention)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.w.values():
+            p.grad = None
+
+
+def bench_floor(size):
+    """nanosp's training step (forward + backward) at t = 1, one thread, float32, against the floor
+    of the same arithmetic, each attention, interleaved; the losses must agree."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    idx = torch.randint(0, size["V"], (size["b"], size["s"]), generator=torch.Generator().manual_seed(0))
+    models = {}
+    for attention in nanosp.ATTENTIONS:
+        model = nanosp.GPT(config(size, dropout=0.0, attention=attention))
+        models[attention, "nanosp"], models[attention, "floor"] = model, Floor(model)
+    losses = {name: model(idx, idx)[1].item() for name, model in models.items()}
+    load, cpu = os.getloadavg()[0], {}
+    ms = time_steps(models, idx, size["reps"], lambda: None, cpu)
+    rows = [dict(attention=a, nanosp=ms[a, "nanosp"], floor=ms[a, "floor"], ratio=ms[a, "nanosp"] / ms[a, "floor"],
+                 cpu_nanosp=cpu[a, "nanosp"], cpu_floor=cpu[a, "floor"], cpu_ratio=cpu[a, "nanosp"] / cpu[a, "floor"],
+                 loss_difference=abs(losses[a, "nanosp"] - losses[a, "floor"])) for a in nanosp.ATTENTIONS]
+    torch.set_num_threads(threads)
+    table(f"4c. nanosp's training step against the floor (bench.floor_loss: the same arithmetic as bare PyTorch "
+          f"calls, no nanosp), t=1, one thread, float32: L={size['L']} h={size['h']} a={size['a']} T={size['s']} "
+          f"B={size['b']} vocab {size['V']}; median of {size['reps']} interleaved rounds, wall clock and CPU time "
+          f"of the thread; load average {load:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)",
+          ["attention", "nanosp ms", "floor ms", "nanosp / floor", "nanosp CPU ms", "floor CPU ms", "CPU ratio",
+           "|loss difference|"],
+          [(r["attention"], f"{r['nanosp']:.1f}", f"{r['floor']:.1f}", f"{r['ratio']:.3f}", f"{r['cpu_nanosp']:.1f}",
+            f"{r['cpu_floor']:.1f}", f"{r['cpu_ratio']:.3f}", f"{r['loss_difference']:.1e}") for r in rows])
+    return dict(rows=rows, load=[load, os.getloadavg()[0]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +553,73 @@ def bench_cuda(size):
     return dict(time=rows, kernels=bench_kernels(size["kernels"]))
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. what to recompute for a memory budget
+
+
+def frontier(cfg, t, B, T, dtype):
+    """The planner's choice for budgets from no recompute down to full recompute of every layer:
+    the bytes of n layers moved from none to selective, then of n layers from selective to full."""
+    costs, L = ledgers.recompute_costs(cfg, t, B, T, dtype), cfg.n_layer
+    counts = [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]  # (full, selective)
+    plans = [ledgers.plan_recompute(cfg, t, B, T, dtype, ledgers.plan_of(costs, ledgers.counted_modes(L, *c)).activation_bytes)
+             for c in counts]
+    return list(dict.fromkeys(plans))  # in order, without repeats
+
+
+STATIC = {"none": "static: none", "selective": "static: selective (the paper's choice)", "full": "static: full"}
+
+
+def frontier_rows(name, cfg, t, B, T, dtype, V, shown=None, measure_group=None):
+    """One row per plan on the frontier (every `shown`-th, and the static choices), with the
+    recompute overhead as a share of the step's FLOPs; measured by the activation ledger if asked."""
+    step_flops = ledgers.exact_training_flops(B, cfg.n_layer, T, cfg.n_embd, V, attention=cfg.attention) / t
+    rows = []
+    for i, plan in enumerate(frontier(cfg, t, B, T, dtype)):
+        static = next((label for m, label in STATIC.items() if plan.modes == (m,) * cfg.n_layer), "")
+        if shown and i % shown and not static:
+            continue
+        row = dict(model=name, plan=str(plan), static=static, activation_bytes=plan.activation_bytes,
+                   recompute_flops=plan.recompute_flops, overhead=plan.recompute_flops / step_flops, measured=None)
+        if measure_group is not False:
+            variant = nanosp.GPTConfig(**{**cfg.__dict__, "recompute": plan.modes})
+            row["measured"] = ledgers.measure_activation_bytes(variant, measure_group, B, T, dtype, paper_bytes=False,
+                                                               n_layer=cfg.n_layer)[0]
+        rows.append(row)
+    return rows
+
+
+def bench_frontier(size, groups):
+    big = PAPER_MODELS[0][1]
+    gpt3 = nanosp.GPTConfig(vocab_size=big["V"], block_size=big["s"], n_layer=big["L"], n_head=96, n_embd=big["h"],
+                            dropout=0.1, sequence_parallel=True)
+    small = config(size, sequence_parallel=True)
+    t = max(groups)
+    rows = frontier_rows(f"GPT-3 175B, t={t}, SP, analytic", gpt3, t, 1, big["s"], torch.bfloat16, big["V"],
+                         shown=12, measure_group=False)
+    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, measured",
+                          small, t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
+    # the fused attention (no dropout): selective has only the log-sum-exp left to save
+    fused = {name: nanosp.GPTConfig(**{**c.__dict__, "dropout": 0.0, "attention": "sdpa"})
+             for name, c in (("gpt3", gpt3), ("small", small))}
+    rows += frontier_rows(f"GPT-3 175B, t={t}, SP, sdpa, analytic", fused["gpt3"], t, 1, big["s"], torch.bfloat16,
+                          big["V"], shown=12, measure_group=False)
+    rows += frontier_rows(f"nanosp L={size['L']} s={size['s']} h={size['h']} b={size['b']}, t={t}, SP, sdpa, measured",
+                          fused["small"], t, size["b"], size["s"], torch.bfloat16, size["V"], measure_group=groups[t])
+    table("6. What to recompute for an activation budget: the planner's choice as the budget shrinks, bf16, "
+          "dropout 0.1 (sdpa: 0); bytes per rank saved by all layers, recompute FLOPs as a share of the step's "
+          "(sdpa: its kernel's QK^T in backward included)",
+          ["model", "plan", "", "activation bytes", "measured bytes", "recompute overhead"],
+          [(r["model"], r["plan"], r["static"], f"{r['activation_bytes']:,}",
+            "-" if r["measured"] is None else f"{r['measured']:,}", f"{100 * r['overhead']:.2f}%") for r in rows])
+    print(f"\nThe planner, sdpa: {ledgers.plan_recompute(fused['gpt3'], t, 1, big['s'], torch.bfloat16, 2**40).note}.")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. autoshard's search
+
+
 def _timed_discover(autoshard, module, x, t):
     """Seconds to trace and name the module, to search it, and to discover (both, as a user calls it), and discover's
     CPU seconds."""
@@ -527,18 +664,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, well under a minute")
     parser.add_argument("--out", default="bench.json", help="where the JSON goes")
-    parser.add_argument("--only", help="one section: memory, flops, communication, frontier, time, cuda or autoshard")
+    parser.add_argument("--only", help="one section: memory, attention, flops, communication, time, floor, cuda, "
+                                       "frontier or autoshard")
     args = parser.parse_args()
     sizes = SIZES["quick" if args.quick else "full"]
     torch.manual_seed(0)
     result, seconds = dict(meta=dict(quick=args.quick, torch=torch.__version__, sizes=sizes)), {}
     groups = fake_groups([1, 2, 4, 8])  # spawned timing processes start clean of it
     for name, fn, size_args in (("memory", bench_memory, (sizes["memory"], groups)),
+                                ("attention", bench_attention, (sizes["attention"], groups)),
                                 ("flops", bench_flops, (sizes["flops"],)),
                                 ("communication", bench_communication, (sizes["memory"], groups)),
-                                ("frontier", bench_frontier, (sizes["frontier"], groups)),
                                 ("time", bench_time, (sizes["time"],)),
+                                ("floor", bench_floor, (sizes["floor"],)),
                                 ("cuda", bench_cuda, (sizes["cuda"],)),
+                                ("frontier", bench_frontier, (sizes["frontier"], groups)),
                                 ("autoshard", bench_autoshard, (sizes["autoshard"],))):
         if args.only not in (None, name):
             continue

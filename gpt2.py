@@ -15,7 +15,8 @@ What to look for:
   only reorders the same product and raises its precision under fp16, so it is accepted. Keys
   that do not reach GPT2LMHeadModel's logits (initializer_range, summary_*, n_ctx, token ids) are
   not read.
-- weights: model.safetensors (or its shards), else pytorch_model.bin read with weights_only=True.
+- weights: model.safetensors (or its shards), else pytorch_model.bin read with weights_only=True
+  (load_torch_file, which reads train.py's checkpoints and --init files too).
   Conv1D stores (in, out) where nn.Linear has (out, in): transposed. Every entry is checked against
   the config's shape before any is used.
 - tokenizer: tokenizer.json, else vocab.json + merges.txt built into GPT-2's byte-level BPE. Its
@@ -112,23 +113,43 @@ BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal mask and its fill va
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def read_weight_file(path):
+def load_torch_file(path, name):
+    """torch.load with weights_only=True (tensors and plain containers, never code). A file that
+    cannot be loaded is one line with its `name`; torch.load's own message is about its internals."""
+    if os.path.isdir(path):
+        raise ValueError(f"{name} is a directory, not a file")
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{name}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{name} is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file fails in a dozen ways (zip, pickle, struct, unicode, EOF)
+        raise ValueError(f"{name} cannot be loaded: it is not a whole torch.save file of tensors "
+                         f"(truncated, damaged, or holding objects that weights_only=True refuses)") from None
+
+
+def is_tensor_dict(d):
+    return isinstance(d, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in d.items())
+
+
+def load_state_dict_file(path, name, what="state dict"):
+    """A torch-saved {name: tensor} dict (load_torch_file, then its type checked)."""
+    state_dict = load_torch_file(path, name)
+    if not is_tensor_dict(state_dict):
+        raise ValueError(f"{name} holds a {type(state_dict).__name__}, not a {{name: tensor}} {what}")
+    return state_dict
+
+
+def read_weight_file(path):
     if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file")
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # a damaged header or a truncated body
             raise ValueError(f"{path} cannot be read as safetensors: {one_line(e)}") from None
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged file fails in a dozen ways (zip, pickle, struct, EOF)
-        raise ValueError(f"{path} cannot be loaded: it is not a whole torch.save file of tensors (truncated, "
-                         f"damaged, or holding objects that weights_only=True refuses)") from None
-    if not (isinstance(state_dict, dict) and all(isinstance(k, str) and torch.is_tensor(v)
-                                                  for k, v in state_dict.items())):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a {{name: tensor}} state dict")
-    return state_dict
+    return load_state_dict_file(path, path)
 
 
 def read_weights(directory):
@@ -230,6 +251,12 @@ class Tokenizer:
     def decode(self, ids):
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
+    def check_fits(self, vocab_size, whose):
+        """Every id it produces is a row of `whose` embedding of vocab_size rows."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"{self.source}: token ids reach {self.vocab_size - 1}, beyond {whose} "
+                             f"vocab_size={vocab_size}")
+
 
 def read_tokenizer(directory):
     """tokenizer.json, else vocab.json + merges.txt as GPT-2's byte-level BPE (what transformers'
@@ -279,8 +306,7 @@ def load(directory):
                          f"config.json and model.safetensors (or pytorch_model.bin)")
     shape = read_config(directory)
     tokenizer = read_tokenizer(directory)
-    if tokenizer is not None and tokenizer.vocab_size > shape["vocab_size"]:
-        raise ValueError(f"{tokenizer.source}: token ids reach {tokenizer.vocab_size - 1}, beyond "
-                         f"{os.path.join(directory, 'config.json')}'s vocab_size={shape['vocab_size']}")
+    if tokenizer is not None:
+        tokenizer.check_fits(shape["vocab_size"], f"{os.path.join(directory, 'config.json')}'s")
     hf_state_dict, path = read_weights(directory)
     return Pretrained(directory, shape, hf_to_nanosp(hf_state_dict, shape, path), tokenizer)

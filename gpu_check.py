@@ -419,9 +419,9 @@ class _Done:
 class HostStaged:
     """torch.distributed for nanosp with every tensor staged through host memory: two ranks on one
     GPU cannot use NCCL, and gloo is given CPU tensors only. It stands in for nanosp's `dist` (its
-    all_reduce and all_gather) and for the helpers _all_gather_into and _reduce_scatter_into that
-    nanosp binds at import; all else passes through. Used as a context manager, in this check only:
-    nanosp's own code path is the one that runs on NCCL."""
+    all_reduce, the one collective nanosp calls there) and for _all_gather_into and
+    _reduce_scatter_into, which nanosp binds at import; all else passes through. Used as a context
+    manager, in this check only: nanosp's own code path is the one that runs on NCCL."""
 
     def __init__(self, nanosp):
         import torch.distributed as dist
@@ -447,13 +447,6 @@ class HostStaged:
         x.copy_(host)
         return _Done() if async_op else None
 
-    def all_gather(self, parts, x, group=None, async_op=False):
-        hosts = [part.new_empty(part.shape, device="cpu") for part in parts]
-        self.dist.all_gather(hosts, x.cpu(), group=group)
-        for part, host in zip(parts, hosts):
-            part.copy_(host)
-        return _Done() if async_op else None
-
     @staticmethod
     def _into(collective):
         def staged(out, x, group=None, async_op=False):
@@ -474,13 +467,13 @@ def equivalence_case(case, group, device):
 
     dtype = getattr(torch, case["dtype"])
     shape = {k: v for k, v in EQUIVALENCE.items() if k != "batch"}
-    extra = {"attention": case["attention"]} if case["attention"] != "explicit" else {}
     dropout = 0.0 if case["attention"] == "sdpa" else 0.1  # SDPA would draw its masks from torch's RNG
     cfg = nanosp.GPTConfig(**shape, block_size=case["T"] + 3, dropout=dropout, recompute=case["recompute"],
                            sequence_parallel=case["sequence_parallel"], seed=case["seed"],
-                           fused_kernels=dtype != torch.float64, **extra)
+                           fused_kernels=dtype != torch.float64, attention=case["attention"])
     model = nanosp.GPT(cfg, group).to(device, dtype)
-    reference = nanosp.GPT(dataclasses.replace(cfg, sequence_parallel=False, recompute="none")).double()
+    unsharded = dataclasses.replace(cfg, sequence_parallel=False, recompute="none", attention="explicit")
+    reference = nanosp.GPT(unsharded).double()
     sd = {name: w.to(dtype).double() for name, w in unit_scale_state_dict(reference.full_shapes(), cfg.seed).items()}
     model.load_full_state_dict(sd)
     reference.load_full_state_dict(sd)
@@ -566,7 +559,7 @@ def part_equivalence(rec, p):
     import nanosp
 
     cuda = torch.cuda.is_available()
-    modes = getattr(nanosp, "ATTENTIONS", ("explicit",))  # the written-out attention, and the fused one
+    modes = nanosp.ATTENTIONS  # the written-out attention, and the fused one
     backend = p.backend if p.backend != "auto" else "nccl" if cuda and torch.cuda.device_count() >= 2 else "gloo"
     cases = equivalence_cases(modes, p.dry)
     for case in cases:
@@ -751,8 +744,10 @@ def flat_tensors(tree, prefix=""):
 
 def accepted(train, options):
     """None if train.py takes these options, else its one-line complaint."""
+    import checks
+
     try:
-        train.check_options(train.parse_args(options))
+        checks.check_options(train.parse_args(options))
     except (train.Usage, SystemExit) as e:
         return str(e)
     return None
@@ -772,12 +767,11 @@ def activation_ledger(options, device):
     cfg = train.model_config(args, None, None, None)
     B, T, dtype = args.batch_size, args.seq_len, torch.bfloat16
     rows = []
-    for attention in getattr(nanosp, "ATTENTIONS", ("explicit",)):
-        extra = {} if attention == "explicit" else {"attention": attention}
+    for attention in nanosp.ATTENTIONS:
         predicted = cfg.n_layer * ledgers.layer_activation_bytes(T, B, cfg.n_embd, cfg.n_head, 1, False, "none",
-                                                                 cfg.dropout > 0, dtype.itemsize, **extra)
+                                                                 cfg.dropout > 0, dtype.itemsize, attention=attention)
         for fused in (True, False):
-            variant = dataclasses.replace(cfg, fused_kernels=fused, **extra)
+            variant = dataclasses.replace(cfg, fused_kernels=fused, attention=attention)
             measured, _ = ledgers.measure_activation_bytes(variant, None, B, T, dtype, device=device,
                                                            paper_bytes=False, n_layer=cfg.n_layer)
             ops = "kernels.py" if nanosp.ops_for(torch.empty(0, device=device), variant) is not nanosp.REFERENCE_OPS \

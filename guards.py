@@ -1,17 +1,23 @@
 """guards.py: what keeps a train.py run whole through what a cluster does to it.
 
-One place per concern, each used by train.py in a line or two:
+One place per concern, each used by train.py in a line or two (checks.py checks the options and
+files before any of this runs):
 - how a run ends: the exceptions and their exit codes (1 failed, 2 bad usage, 3 diverged,
-  128 + N stopped by signal N, as a shell reports a process that signal N ended);
+  128 + N stopped by signal N, as a shell reports a process that signal N ended); fail: one line
+  from the rank that should say it, and the end of this host's ranks that a timeout left stuck;
 - join_world: init_process_group that comes back after torchrun restarts the ranks
-  (`--max-restarts`), which plain init_process_group does not always do;
+  (`--max-restarts`), which plain init_process_group does not always do; collectives: a
+  collective that times out or loses a rank becomes one line naming its process group;
 - DirectoryLock: one run per --out-dir, however the last one ended;
 - StopSignals: SIGTERM and SIGINT stop every rank at the same step boundary; follow_agent: a
   rank whose torchrun agent dies gets SIGTERM;
 - StepGuard: one tiny all-reduce per step agrees on a stop and on a non-finite loss or gradient
   norm (that step is not applied), and no checkpoint is written from non-finite weights;
-- json_line: log.jsonl stays strict JSON (non-finite numbers are written as null).
+- write_atomic: a file is replaced whole or not at all; a failed write keeps the previous one;
+- Log: log.jsonl, cut back to the checkpoint a run resumes from, strict JSON (non-finite numbers
+  are written as null); a failed write is one line.
 """
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -21,10 +27,10 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -64,6 +70,46 @@ class Stopped(Failure):
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} before the first step; nothing was written" if step is None else
                          f"stopped by {name} after step {step}: {ckpt_path} holds it; continue with --resume")
+
+
+def fail(error, rank, peers=(), signals=None):
+    """Ends this process with one line and the error's exit code. Rank 0 speaks at once; torchrun
+    then stops the other ranks. They wait a moment first, because torchrun stops every rank as soon
+    as one exits, maybe before rank 0 has printed. A rank still running after that speaks too,
+    naming itself: rank 0 could not (it is the one that stopped answering, or it did not fail); a
+    node's other ranks wait longer, so that one line comes from each node. After a timeout the rank
+    that speaks also ends this host's other ranks (`peers`, (host, pid) of every rank): torchrun's
+    SIGTERM cannot end a stopped process, and it waits 30 s before its SIGKILL. What every rank
+    agreed on (a stop, a divergence) rank 0 alone says. When a rank's process ended (Lost), each
+    node's first rank says so at once and its other ranks end silently at once, so that a first
+    rank blocked on them learns it too. A ValueError is a bad option or file: exit code 2."""
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    if isinstance(error, (Stopped, Diverged)):
+        if "RANK" in os.environ:  # torchrun's SIGTERM, which follows the first rank out, keeps the code
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        quiet = rank != 0
+    elif isinstance(error, Lost):
+        quiet = not first
+    else:
+        if signals is not None:
+            signals.restore()  # so that torchrun's SIGTERM ends this rank while it waits
+        if rank != 0 and not (signals and signals.received):  # (received: torchrun is stopping it)
+            time.sleep(5 if first else 7)
+        quiet = False
+    code = error.code if isinstance(error, Failure) else 2
+    if quiet:
+        sys.exit(code)
+    where = "" if rank == 0 else f"rank {rank}: "
+    what = "" if isinstance(error, Stopped) else "error: "
+    print(f"train.py: {what}{where}{error}", file=sys.stderr, flush=True)
+    if isinstance(error, Timeout):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, once it sees a peer end: exit with `code`
+        for host, pid in peers:
+            if host == socket.gethostname() and pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        os._exit(code)  # not through destroy_process_group, which would wait for the ranks just ended
+    sys.exit(code)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +167,24 @@ def fresh_namespace(store, rank, world, timeout):
     raise Timeout(f"rank 0 did not answer within --timeout {timeout.total_seconds():g} s while the ranks joined")
 
 
+@contextlib.contextmanager
+def collectives(group, timeout):
+    """A collective in this block that times out (after `timeout` seconds), or loses a rank, becomes
+    one line that names its process group. gloo says which only in the text of a RuntimeError:
+    "... Timed out waiting 6000ms for recv operation to complete", "... Read error ...: Connection
+    reset by peer"."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).lower()
+        if "timed out" in text or "timeout" in text:
+            raise Timeout(f"a collective on the {group} group timed out after {timeout:g} s: "
+                          f"a rank stopped answering") from None
+        if "connection reset" in text or "connection closed" in text or "broken pipe" in text:
+            raise Lost(f"a collective on the {group} group lost a rank: its process ended") from None
+        raise
+
+
 # ----------------------------------------------------------------------------------------------
 # one run per directory
 
@@ -173,8 +237,10 @@ class DirectoryLock:
 
 
 class StopSignals:
-    """While installed, SIGTERM and SIGINT only note that they came: the run stops at the next
-    step boundary that every rank agrees on (StepGuard), not where the signal happens to land.
+    """Once installed, SIGTERM and SIGINT only note that they came: the run stops at the next step
+    boundary that every rank agrees on (StepGuard), not where the signal happens to land. They stay
+    installed until the process has said how it ends (fail), so that torchrun's SIGTERM to the ranks
+    still running, sent once the first one exits, cannot cut a stopping rank short.
     torchrun forwards the SIGTERM (or SIGINT) it gets to every rank and gives them
     --shutdown-timeout seconds (default 30) to end before SIGKILL; a terminal's Ctrl-C may reach a
     rank twice (directly and through torchrun), which changes nothing."""
@@ -182,8 +248,11 @@ class StopSignals:
 
     def __init__(self):
         self.received = 0  # the signal's number, 0 for none
-        main = threading.current_thread() is threading.main_thread()  # (the only one signals reach)
-        self.previous = {sig: signal.signal(sig, self.note) for sig in self.SIGNALS} if main else {}
+        self.previous = {}  # the handlers replaced while installed
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # (the only one signals reach)
+            self.previous = {sig: signal.signal(sig, self.note) for sig in self.SIGNALS}
 
     def note(self, signum, frame):
         self.received = signum
@@ -249,10 +318,96 @@ class StepGuard:
 
 
 # ----------------------------------------------------------------------------------------------
-# the log
+# files written whole, and the log
+
+
+def write_atomic(path, data):
+    """Writes `data` (bytes) to a temp file beside `path`, fsync, then renames it onto `path`: a
+    crash at any moment leaves either the old complete file or the new one, never a torn one. A
+    write that fails (disk full, permissions) removes the temp file and keeps the old one."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name.split('.')[0]}-", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise Failure(f"{path} could not be written: {e.strerror.lower()}; the previous one is kept") from None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+
+
+def remove_stale_temps(directory):
+    """Temp files of writes that a crash interrupted (see write_atomic)."""
+    for name in os.listdir(directory):
+        if name.startswith((".ckpt-", ".log-")) and name.endswith(".tmp"):
+            os.unlink(os.path.join(directory, name))
 
 
 def json_line(record):
     """One line of strict JSON (RFC 8259 has no NaN or Infinity): non-finite numbers become null."""
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     return json.dumps(clean, allow_nan=False) + "\n"
+
+
+class Log:
+    """log.jsonl, to append the records of the steps after `start`, written by one rank (`writer`;
+    on the others `write` does nothing). Records of later steps (logged after the last checkpoint
+    by a run that then stopped) are cut off first, so that no step is logged twice."""
+
+    def __init__(self, path, start, writer):
+        self.file = None
+        if not writer:
+            return
+        if os.path.exists(path):
+            kept = []
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= start:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):  # a line torn by a crash
+                        pass
+            write_atomic(path, b"".join(kept))
+        self.file = open(path, "a")
+
+    def write(self, record):
+        if self.file is None:
+            return
+        try:
+            self.file.write(json_line(record))
+            self.file.flush()
+        except OSError as e:
+            raise Failure(f"{self.file.name} could not be written: {e.strerror.lower()}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+def open_log(out_dir, start, rank, timeout):
+    """OUT_DIR/log.jsonl as a Log, rank 0's, once rank 0 has taken --out-dir over: after every rank
+    has read the run's files there, the temp files of interrupted writes are removed and the log
+    is cut back to `start`."""
+    if dist.is_initialized():
+        with collectives("default (all ranks)", timeout):
+            dist.barrier()  # every rank has read the run's files before rank 0 changes --out-dir
+    if rank == 0:
+        remove_stale_temps(out_dir)
+    return Log(os.path.join(out_dir, "log.jsonl"), start, writer=rank == 0)

@@ -16,6 +16,109 @@ import torch
 
 
 # ----------------------------------------------------------------------------------------------
+# 0. what every kernel shares: elements in 16-byte chunks; a launcher called from Python by name
+
+_CUDA_CHUNKS = r"""
+// Memory holds T, registers float: float(v) and T(f), which rounds to nearest even as PyTorch does.
+// torch's nvcc flags hide these conversions; this file includes nothing of torch's and takes them back.
+#undef __CUDA_NO_HALF_CONVERSIONS__
+#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <initializer_list>
+
+using ptr = int64_t;  // how launchers take a pointer or a stream; 0 for an absent tensor (its length 0)
+
+// T = the element type of a dtype code (kernels.DTYPES) in the statement that follows.
+#define WITH_T(dtype, ...)                                            \
+  if (dtype == 0) { using T = float; __VA_ARGS__; }                   \
+  else if (dtype == 1) { using T = __nv_bfloat16; __VA_ARGS__; }      \
+  else { using T = __half; __VA_ARGS__; }
+
+// A chunk is the V = 16 / sizeof(T) elements p[i .. i+V): one 16-byte load or store when `vec` (p
+// and i aligned) and it ends by n; else element by element, skipping those at or past n (load 0).
+template <typename T, int V = 16 / sizeof(T)>
+__device__ inline void load_chunk(const T* p, int64_t i, int64_t n, bool vec, float* f) {
+  if (vec && i + V <= n) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p + i);  // V elements of T
+    for (int k = 0; k < V; ++k) f[k] = float(reinterpret_cast<const T*>(&raw)[k]);
+  } else {
+    for (int k = 0; k < V; ++k) f[k] = i + k < n ? float(p[i + k]) : 0.f;
+  }
+}
+
+template <typename T, int V = 16 / sizeof(T)>
+__device__ inline void store_chunk(T* p, int64_t i, int64_t n, bool vec, const float* f) {
+  if (vec && i + V <= n) {
+    uint4 raw;
+    for (int k = 0; k < V; ++k) reinterpret_cast<T*>(&raw)[k] = T(f[k]);
+    *reinterpret_cast<uint4*>(p + i) = raw;
+  } else {
+    for (int k = 0; k < V; ++k) if (i + k < n) p[i + k] = T(f[k]);
+  }
+}
+
+// f[k] += bias[(i + k) % n_bias], the bias broadcast along rows of n_bias (no-op if bias is null).
+template <typename T, int V = 16 / sizeof(T)>
+__device__ inline void add_bias(const T* bias, int64_t n_bias, int64_t i, bool vec, float* f) {
+  if (bias == nullptr) return;
+  float b[V];
+  int64_t j = i % n_bias;
+  if (vec) load_chunk(bias, j, n_bias, true, b);  // vec: n_bias % V == 0, the chunk does not wrap
+  else for (int k = 0; k < V; ++k, j = j + 1 == n_bias ? 0 : j + 1) b[k] = float(bias[j]);
+  for (int k = 0; k < V; ++k) f[k] += b[k];
+}
+
+// Can chunks be 16-byte accesses? When every pointer (0: absent) is 16-byte aligned and the row
+// length (of the bias, of a softmax row; 0: none) is a multiple of V, so that rows start aligned.
+static bool vectorized(int64_t row, size_t size, std::initializer_list<ptr> ptrs) {
+  for (ptr p : ptrs) if (p % 16) return false;
+  return row % (16 / size) == 0;
+}
+static int64_t chunks(int64_t n, size_t size) { return (n + 16 / size - 1) / (16 / size); }
+static dim3 grid(int64_t threads, int block) { return dim3((unsigned)((threads + block - 1) / block)); }
+static const char* launch_error() {  // what each launcher returns: its CUDA error, or null
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+"""
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the launchers' dtype codes
+
+def _launch(launcher, **args):
+    """launcher(**args) by the names in its C signature, on the dtype, device and current stream of
+    args' first tensor (nothing is launched if it is empty); tensors go as data pointers, None as 0."""
+    first = next(a for a in args.values() if isinstance(a, torch.Tensor))
+    if first.numel() == 0:
+        return
+    args = {name: a.data_ptr() if isinstance(a, torch.Tensor) else 0 if a is None else a for name, a in args.items()}
+    with torch.cuda.device(first.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        error = getattr(_build(), launcher)(dtype=DTYPES[first.dtype], **args, stream=stream)
+    if error is not None:
+        raise RuntimeError(f"{launcher}: CUDA error: {error}")
+
+def _checked(name, t, like=None, shape=None):
+    """t made contiguous, once it is known to be a CUDA tensor of a kernel dtype (like's dtype and
+    device, if given) and of `shape`; otherwise a ValueError naming it."""
+    if not isinstance(t, torch.Tensor) or not t.is_cuda:
+        got = f"a tensor on {t.device}" if isinstance(t, torch.Tensor) else repr(type(t).__name__)
+        raise ValueError(f"{name} must be a CUDA tensor (the kernels run on CUDA only), got {got}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; the kernels take float32, bfloat16 or float16")
+    if like is not None and (t.dtype, t.device) != (like.dtype, like.device):
+        raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {like.dtype} on {like.device}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+    return t.contiguous()
+
+def _bias_grad(ctx, grad_x):
+    """The gradient of the bias (argument 1) broadcast along rows: grad_x summed over them."""
+    return grad_x.view(-1, ctx.n_bias).sum(0) if ctx.n_bias and ctx.needs_input_grad[1] else None
+
+
+# ----------------------------------------------------------------------------------------------
 # 1. bias-GeLU: equals nanosp.bias_gelu, gelu_tanh(x + bias)
 
 _CUDA_BIAS_GELU = r"""
@@ -29,70 +132,87 @@ __device__ inline float gelu_grad(float y) {
   const float s = gelu_s(y);
   return s + 2.f * y * s * (1.f - s) * 0.7978845608028654f * (1.f + 0.134145f * y * y);
 }
+
 // Thread t owns one chunk: the V = 16 / sizeof(T) elements [V t, V t + V) of the flat tensor.
-// Forward (grad null): out = gelu(x + bias); eager PyTorch writes x + bias and reads it back, 4
-// tensor passes, here 2. Backward: out = grad * gelu'(x + bias), x + bias recomputed, never stored.
-template <typename T>
-__global__ void bias_gelu_kernel(const T* x, const T* bias, const T* grad, T* out, int64_t n, int64_t n_bias,
-                                 bool vec) {
-  constexpr int V = 16 / sizeof(T);
+// y = gelu(x + bias): eager PyTorch writes x + bias and reads it back, 4 tensor passes; here 2.
+template <typename T, int V = 16 / sizeof(T)>
+__global__ void bias_gelu_forward_kernel(const T* x, const T* bias, T* y, int64_t n, int64_t n_bias, bool vec) {
+  const int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (i >= n) return;
+  float v[V];
+  load_chunk(x, i, n, vec, v);
+  add_bias(bias, n_bias, i, vec, v);
+  for (int k = 0; k < V; ++k) v[k] *= gelu_s(v[k]);
+  store_chunk(y, i, n, vec, v);
+}
+
+// grad_x = grad_y * gelu'(x + bias), with x + bias recomputed from the saved x and bias.
+template <typename T, int V = 16 / sizeof(T)>
+__global__ void bias_gelu_backward_kernel(const T* grad_y, const T* x, const T* bias, T* grad_x, int64_t n,
+                                          int64_t n_bias, bool vec) {
   const int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (i >= n) return;
   float v[V], g[V];
   load_chunk(x, i, n, vec, v);
   add_bias(bias, n_bias, i, vec, v);
-  if (grad == nullptr) {
-    for (int k = 0; k < V; ++k) v[k] *= gelu_s(v[k]);
-  } else {
-    load_chunk(grad, i, n, vec, g);
-    for (int k = 0; k < V; ++k) v[k] = g[k] * gelu_grad(v[k]);
-  }
-  store_chunk(out, i, n, vec, v);
+  load_chunk(grad_y, i, n, vec, g);
+  for (int k = 0; k < V; ++k) g[k] *= gelu_grad(v[k]);
+  store_chunk(grad_x, i, n, vec, g);
 }
 
-// Launchers take pointers and the stream as integers; 0 for an absent tensor (n_bias = 0 then).
-extern "C" const char* bias_gelu(int dtype, ptr x, ptr bias, ptr grad, ptr out, int64_t n, int64_t n_bias,
-                                 ptr stream) {
-  WITH_T(dtype, bias_gelu_kernel<<<grid(chunks(n, sizeof(T)), 256), 256, 0, (cudaStream_t)stream>>>(
-      (const T*)x, (const T*)bias, (const T*)grad, (T*)out, n, n_bias,
-      vectorized(n_bias, sizeof(T), {x, bias, grad, out})));
+extern "C" const char* bias_gelu_forward(int dtype, ptr x, ptr bias, ptr y, int64_t n, int64_t n_bias, ptr stream) {
+  WITH_T(dtype, bias_gelu_forward_kernel<<<grid(chunks(n, sizeof(T)), 256), 256, 0, (cudaStream_t)stream>>>(
+      (const T*)x, (const T*)bias, (T*)y, n, n_bias, vectorized(n_bias, sizeof(T), {x, bias, y})));
+  return launch_error();
+}
+extern "C" const char* bias_gelu_backward(int dtype, ptr grad_y, ptr x, ptr bias, ptr grad_x, int64_t n,
+                                          int64_t n_bias, ptr stream) {
+  WITH_T(dtype, bias_gelu_backward_kernel<<<grid(chunks(n, sizeof(T)), 256), 256, 0, (cudaStream_t)stream>>>(
+      (const T*)grad_y, (const T*)x, (const T*)bias, (T*)grad_x, n, n_bias,
+      vectorized(n_bias, sizeof(T), {grad_y, x, bias, grad_x})));
   return launch_error();
 }
 """
-
 
 class BiasGelu(torch.autograd.Function):
     """gelu_tanh(x + bias). Saves x and the bias, not x + bias (the same bytes as nanosp's GeLU input)."""
 
     @staticmethod
     def forward(ctx, x, bias):
-        out = torch.empty_like(x)
+        y = torch.empty_like(x)
         ctx.n_bias = 0 if bias is None else bias.numel()
-        _run("bias_gelu", x, x, bias, None, out, x.numel(), ctx.n_bias)
+        _launch("bias_gelu_forward", x=x, bias=bias, y=y, n=x.numel(), n_bias=ctx.n_bias)
         ctx.save_for_backward(x, bias)
-        return out
+        return y
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_y):
         x, bias = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        _run("bias_gelu", x, x, bias, grad.contiguous(), grad_x, x.numel(), ctx.n_bias)
+        _launch("bias_gelu_backward", grad_y=grad_y.contiguous(), x=x, bias=bias, grad_x=grad_x, n=x.numel(),
+                n_bias=ctx.n_bias)
         return grad_x, _bias_grad(ctx, grad_x)
-
 
 def bias_gelu(x, bias):
     """gelu_tanh(x + bias); bias (x.shape[-1],) may be None."""
     x = _checked("x", x)
-    if bias is not None:
-        bias = _checked("bias", bias, like=x, shape=x.shape[-1:])
+    bias = None if bias is None else _checked("bias", bias, like=x, shape=x.shape[-1:])
     return BiasGelu.apply(x, bias)
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. dropout: equals nanosp.dropout, and bias_dropout_add equals nanosp.bias_dropout_add
 #
-# The mask, bit for bit nanosp.dropout_keep_mask: one 32-bit hash per pair j = i / 2 of a site's
-# global tensor, 16 bits per element, kept when >= round(p * 2**16); the tests compile this text.
+# The mask, bit for bit nanosp.dropout_keep_mask: one 32-bit hash per pair j = i / 2 of a site's global
+# tensor, 16 bits per element, kept when >= dropout_threshold(p) (nanosp reads it here); the tests compile it.
+
+def dropout_threshold(p):
+    """p rounded to a multiple of 2^-16, times 2^16: an element is kept when its 16 hash bits are >= it."""
+    return min(round(p * 2**16), 2**16 - 1)
+
+def dropout_scale(p):
+    """1 / (1 - p) for p so rounded: an element is kept with probability exactly 1 - threshold / 2^16."""
+    return 2**16 / (2**16 - dropout_threshold(p))
 
 _CUDA_HASH = r"""
 __host__ __device__ inline bool dropout_keep(uint64_t key, uint64_t i, uint32_t threshold) {
@@ -104,21 +224,14 @@ __host__ __device__ inline bool dropout_keep(uint64_t key, uint64_t i, uint32_t 
 }
 """
 
-
-def _mask_args(p, key, offset):  # the key as an int64; threshold and scale as nanosp's, of p rounded to 2**-16
-    threshold = min(round(p * 2**16), 2**16 - 1)
-    return key - 2**64 if key >= 2**63 else key, offset, threshold, 2**16 / (2**16 - threshold)
-
-
 _CUDA_DROPOUT = r"""
-// out = [residual +] keep * (x [+ bias]) / (1 - p), element i at global index offset + i. With
-// bias and residual, bias_dropout_add (eager: 3 kernels and a stored byte mask; 4 passes here);
-// without, dropout; and applied to the incoming gradient, the backward of both. threshold 0 (no
-// dropout) skips the hash.
-template <typename T>
-__global__ void dropout_add_kernel(const T* x, const T* bias, const T* residual, T* out, int64_t n, int64_t n_bias,
-                                   uint64_t key, uint64_t offset, uint32_t threshold, float scale, bool vec) {
-  constexpr int V = 16 / sizeof(T);
+// out = [residual +] keep * (x [+ bias]) * scale, element i at global index offset + i. With bias
+// and residual, bias_dropout_add (eager: 3 kernels and a stored byte mask; 4 passes here); without,
+// dropout, and applied to the incoming gradient, the backward of both. threshold 0 skips the hash.
+template <typename T, int V = 16 / sizeof(T)>
+__global__ void bias_dropout_add_kernel(const T* x, const T* bias, const T* residual, T* out, int64_t n,
+                                        int64_t n_bias, uint64_t key, uint64_t offset, uint32_t threshold,
+                                        float scale, bool vec) {
   const int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (i >= n) return;
   float v[V], r[V];
@@ -133,43 +246,49 @@ __global__ void dropout_add_kernel(const T* x, const T* bias, const T* residual,
   store_chunk(out, i, n, vec, v);
 }
 
-extern "C" const char* dropout_add(int dtype, ptr x, ptr bias, ptr residual, ptr out, int64_t n, int64_t n_bias,
-                                   int64_t key, int64_t offset, int64_t threshold, float scale, ptr stream) {
-  WITH_T(dtype, dropout_add_kernel<<<grid(chunks(n, sizeof(T)), 256), 256, 0, (cudaStream_t)stream>>>(
-      (const T*)x, (const T*)bias, (const T*)residual, (T*)out, n, n_bias, (uint64_t)key, (uint64_t)offset,
-      (uint32_t)threshold, scale, vectorized(n_bias, sizeof(T), {x, bias, residual, out})));
+extern "C" const char* bias_dropout_add(int dtype, ptr x, ptr bias, ptr residual, ptr out, int64_t n,
+                                        int64_t n_bias, uint64_t key, uint64_t offset, uint32_t threshold,
+                                        float scale, ptr stream) {
+  WITH_T(dtype, bias_dropout_add_kernel<<<grid(chunks(n, sizeof(T)), 256), 256, 0, (cudaStream_t)stream>>>(
+      (const T*)x, (const T*)bias, (const T*)residual, (T*)out, n, n_bias, key, offset, threshold, scale,
+      vectorized(n_bias, sizeof(T), {x, bias, residual, out})));
   return launch_error();
 }
 """
 
+def _check_dropout(p, key, offset, numel):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p={p} must be in [0, 1)")
+    if not isinstance(key, int) or not 0 <= key < 2**64:
+        raise ValueError(f"dropout key={key!r} must be an int in [0, 2**64)")
+    if not isinstance(offset, int) or not 0 <= offset <= 2**63 - 1 - numel:
+        raise ValueError(f"dropout offset={offset!r} must be an int in [0, 2**63 - 1 - {numel}]")
 
-class DropoutAdd(torch.autograd.Function):
+class BiasDropoutAdd(torch.autograd.Function):
     """[residual +] dropout(x [+ bias]). Saves nothing: backward hashes the mask again."""
 
     @staticmethod
     def forward(ctx, x, bias, residual, p, key, offset):
         _check_dropout(p, key, offset, x.numel())
-        ctx.mask = _mask_args(p, key, offset)
+        ctx.mask = mask = dict(key=key, offset=offset, threshold=dropout_threshold(p), scale=dropout_scale(p))
         ctx.n_bias = 0 if bias is None else bias.numel()
         out = torch.empty_like(x)
-        _run("dropout_add", x, x, bias, residual, out, x.numel(), ctx.n_bias, *ctx.mask)
+        _launch("bias_dropout_add", x=x, bias=bias, residual=residual, out=out, n=x.numel(), n_bias=ctx.n_bias, **mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        grad_x = torch.empty_like(grad)
-        _run("dropout_add", grad, grad, None, None, grad_x, grad.numel(), 0, *ctx.mask)  # keep * scale * grad
+        grad_x = torch.empty_like(grad)  # dropout of grad with the same mask: keep * scale * grad
+        _launch("bias_dropout_add", x=grad, bias=None, residual=None, out=grad_x, n=grad.numel(), n_bias=0, **ctx.mask)
         grad_residual = grad if ctx.needs_input_grad[2] else None
         return grad_x, _bias_grad(ctx, grad_x), grad_residual, None, None, None
-
 
 def dropout(x, p, key, offset):
     """x * keep / (1 - p), keep = the hashed mask of (key, offset + element index); x if no dropout."""
     if key is None or p == 0.0:
         return x
-    return DropoutAdd.apply(_checked("x", x), None, None, p, key, offset)
-
+    return BiasDropoutAdd.apply(_checked("x", x), None, None, p, key, offset)
 
 def bias_dropout_add(x, bias, residual, p, key, offset):
     """residual + dropout(x + bias); bias (x.shape[-1],) may be None; residual has x's shape."""
@@ -178,7 +297,7 @@ def bias_dropout_add(x, bias, residual, p, key, offset):
     residual = _checked("residual", residual, like=x, shape=x.shape)
     if key is None or p == 0.0:
         p, key, offset = 0.0, 0, 0  # threshold 0: every element kept, scale 1
-    return DropoutAdd.apply(x, bias, residual, p, key, offset)
+    return BiasDropoutAdd.apply(x, bias, residual, p, key, offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +309,8 @@ _CUDA_SOFTMAX = r"""
 // of exp(v - m), rescaled when m grows (the online softmax, Milakov & Gimelshein 2018); the warp
 // merges its 32 (m, s) pairs with shuffles. Pass 2 reads the row again (from cache) and writes
 // y = exp(v - m) / s, and y = 0 for j > i. DRAM traffic: the lower triangle read, all of y written.
-template <typename T>
+template <typename T, int V = 16 / sizeof(T)>
 __global__ void causal_softmax_forward_kernel(const T* x, T* y, int64_t rows, int64_t cols, float scale, bool vec) {
-  constexpr int V = 16 / sizeof(T);
   const int lane = threadIdx.x % 32;
   const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (r >= rows) return;  // the whole warp returns: its lanes share r
@@ -226,11 +344,10 @@ __global__ void causal_softmax_forward_kernel(const T* x, T* y, int64_t rows, in
   }
 }
 
-// grad_x_j = scale * y_j * (g_j - sum_k g_k y_k) for j <= i, 0 for j > i (where y_j = 0).
-template <typename T>
-__global__ void causal_softmax_backward_kernel(const T* grad, const T* y, T* grad_x, int64_t rows, int64_t cols,
+// grad_x_j = scale * y_j * (grad_y_j - sum_k grad_y_k y_k) for j <= i, 0 for j > i (where y_j = 0).
+template <typename T, int V = 16 / sizeof(T)>
+__global__ void causal_softmax_backward_kernel(const T* grad_y, const T* y, T* grad_x, int64_t rows, int64_t cols,
                                                float scale, bool vec) {
-  constexpr int V = 16 / sizeof(T);
   const int lane = threadIdx.x % 32;
   const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (r >= rows) return;
@@ -238,34 +355,34 @@ __global__ void causal_softmax_backward_kernel(const T* grad, const T* y, T* gra
   float dot = 0.f;
   for (int64_t j = lane * V; j < len; j += 32 * V) {
     float g[V], p[V];
-    load_chunk(grad + row, j, len, vec, g);  // elements past len read 0
+    load_chunk(grad_y + row, j, len, vec, g);  // elements past len read 0
     load_chunk(y + row, j, len, vec, p);
     for (int k = 0; k < V; ++k) dot += g[k] * p[k];
   }
   for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
   for (int64_t j = lane * V; j < cols; j += 32 * V) {
     float g[V], p[V];
-    load_chunk(grad + row, j, len, vec, g);
+    load_chunk(grad_y + row, j, len, vec, g);
     load_chunk(y + row, j, len, vec, p);
     for (int k = 0; k < V; ++k) g[k] = j + k < len ? scale * p[k] * (g[k] - dot) : 0.f;
     store_chunk(grad_x + row, j, cols, vec, g);
   }
 }
 
-// Forward (grad null): out = y; backward: out = grad_x, from grad and y. 4 rows per block; chunks
-// are 16-byte accesses only if every row starts aligned too (cols % V == 0).
-extern "C" const char* causal_softmax(int dtype, ptr x, ptr grad, ptr y, ptr out, int64_t rows, int64_t cols,
-                                      float scale, ptr stream) {
-  const dim3 blocks = grid(rows * 32, 128);
-  const cudaStream_t s = (cudaStream_t)stream;
-  WITH_T(dtype, const bool vec = vectorized(cols, sizeof(T), {x, grad, y, out});
-    if (grad == 0) causal_softmax_forward_kernel<<<blocks, 128, 0, s>>>((const T*)x, (T*)out, rows, cols, scale, vec);
-    else causal_softmax_backward_kernel<<<blocks, 128, 0, s>>>((const T*)grad, (const T*)y, (T*)out, rows, cols,
-                                                                scale, vec));
+// 4 rows (warps) per block of 128 threads; 16-byte chunks only if every row starts aligned too.
+extern "C" const char* causal_softmax_forward(int dtype, ptr x, ptr y, int64_t rows, int64_t cols, float scale,
+                                              ptr stream) {
+  WITH_T(dtype, causal_softmax_forward_kernel<<<grid(rows * 32, 128), 128, 0, (cudaStream_t)stream>>>(
+      (const T*)x, (T*)y, rows, cols, scale, vectorized(cols, sizeof(T), {x, y})));
+  return launch_error();
+}
+extern "C" const char* causal_softmax_backward(int dtype, ptr grad_y, ptr y, ptr grad_x, int64_t rows, int64_t cols,
+                                               float scale, ptr stream) {
+  WITH_T(dtype, causal_softmax_backward_kernel<<<grid(rows * 32, 128), 128, 0, (cudaStream_t)stream>>>(
+      (const T*)grad_y, (const T*)y, (T*)grad_x, rows, cols, scale, vectorized(cols, sizeof(T), {grad_y, y, grad_x})));
   return launch_error();
 }
 """
-
 
 class CausalSoftmax(torch.autograd.Function):
     """Saves only its output y (nanosp's "softmax output 2as^2b"); backward needs nothing else."""
@@ -273,17 +390,17 @@ class CausalSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, scale):
         y, T, ctx.scale = torch.empty_like(scores), max(scores.shape[-1], 1), scale
-        _run("causal_softmax", scores, scores, None, None, y, scores.numel() // T, T, scale)
+        _launch("causal_softmax_forward", x=scores, y=y, rows=scores.numel() // T, cols=T, scale=scale)
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         grad_x, T = torch.empty_like(y), max(y.shape[-1], 1)
-        _run("causal_softmax", y, None, grad.contiguous(), y, grad_x, y.numel() // T, T, ctx.scale)
+        _launch("causal_softmax_backward", grad_y=grad_y.contiguous(), y=y, grad_x=grad_x, rows=y.numel() // T,
+                cols=T, scale=ctx.scale)
         return grad_x, None
-
 
 def causal_softmax(scores, scale):
     """softmax(scores * scale + causal mask) over the last dim, scores (..., T, T); keys j > i get 0."""
@@ -294,144 +411,27 @@ def causal_softmax(scores, scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# checks and launches
-
-DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the launchers' dtype codes
-
-
-def _checked(name, t, like=None, shape=None):
-    """t made contiguous, once it is known to be a CUDA tensor of a kernel dtype (like's dtype and
-    device, if given) and of `shape`; otherwise a ValueError naming it."""
-    if not isinstance(t, torch.Tensor) or not t.is_cuda:
-        got = f"a tensor on {t.device}" if isinstance(t, torch.Tensor) else repr(type(t).__name__)
-        raise ValueError(f"{name} must be a CUDA tensor (the kernels run on CUDA only), got {got}")
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; the kernels take float32, bfloat16 or float16")
-    if like is not None and (t.dtype, t.device) != (like.dtype, like.device):
-        raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {like.dtype} on {like.device}")
-    if shape is not None and t.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
-    return t.contiguous()
-
-
-def _check_dropout(p, key, offset, numel):
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p={p} must be in [0, 1)")
-    if not isinstance(key, int) or not 0 <= key < 2**64:
-        raise ValueError(f"dropout key={key!r} must be an int in [0, 2**64)")
-    if not isinstance(offset, int) or not 0 <= offset <= 2**63 - 1 - numel:
-        raise ValueError(f"dropout offset={offset!r} must be an int in [0, 2**63 - 1 - {numel}]")
-
-
-def _bias_grad(ctx, grad_x):
-    """The gradient of the bias (argument 1) broadcast along rows: grad_x summed over them."""
-    if ctx.n_bias == 0 or not ctx.needs_input_grad[1]:
-        return None
-    return grad_x.view(-1, ctx.n_bias).sum(0)
-
-
-def _run(launcher, x, *args):
-    """Call a launcher on x's device and current stream: tensors go as data pointers, None as 0."""
-    if x.numel() == 0:
-        return
-    args = [a.data_ptr() if isinstance(a, torch.Tensor) else 0 if a is None else a for a in args]
-    with torch.cuda.device(x.device):
-        error = getattr(_build(), launcher)(DTYPES[x.dtype], *args, torch.cuda.current_stream().cuda_stream)
-    if error is not None:
-        raise RuntimeError(f"{launcher}: CUDA error: {error}")
-
-
-# ----------------------------------------------------------------------------------------------
-# the CUDA helpers the kernels share, and the one lazy build
-
-_CUDA_COMMON = r"""
-// Memory holds T, registers float: float(v) and T(f), which rounds to nearest even as PyTorch does.
-// torch's nvcc flags hide these conversions; this file includes nothing of torch's and takes them back.
-#undef __CUDA_NO_HALF_CONVERSIONS__
-#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-#include <initializer_list>
-
-using ptr = int64_t;  // a device pointer or a stream, as Python passes it
-
-// T = the element type of a dtype code (kernels.DTYPES) in the statement that follows.
-#define WITH_T(dtype, ...)                                            \
-  if (dtype == 0) { using T = float; __VA_ARGS__; }                   \
-  else if (dtype == 1) { using T = __nv_bfloat16; __VA_ARGS__; }      \
-  else { using T = __half; __VA_ARGS__; }
-
-// A chunk is the V = 16 / sizeof(T) elements p[i .. i+V): one 16-byte load or store when `vec` (p
-// and i aligned) and it ends by n; else element by element, skipping those at or past n (load 0).
-template <typename T>
-__device__ inline void load_chunk(const T* p, int64_t i, int64_t n, bool vec, float* f) {
-  constexpr int V = 16 / sizeof(T);
-  if (vec && i + V <= n) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p + i);  // V elements of T
-    for (int k = 0; k < V; ++k) f[k] = float(reinterpret_cast<const T*>(&raw)[k]);
-  } else {
-    for (int k = 0; k < V; ++k) f[k] = i + k < n ? float(p[i + k]) : 0.f;
-  }
-}
-
-template <typename T>
-__device__ inline void store_chunk(T* p, int64_t i, int64_t n, bool vec, const float* f) {
-  constexpr int V = 16 / sizeof(T);
-  if (vec && i + V <= n) {
-    uint4 raw;
-    for (int k = 0; k < V; ++k) reinterpret_cast<T*>(&raw)[k] = T(f[k]);
-    *reinterpret_cast<uint4*>(p + i) = raw;
-  } else {
-    for (int k = 0; k < V; ++k) if (i + k < n) p[i + k] = T(f[k]);
-  }
-}
-
-// f[k] += bias[(i + k) % n_bias], the bias broadcast along rows of n_bias (no-op if bias is null).
-template <typename T>
-__device__ inline void add_bias(const T* bias, int64_t n_bias, int64_t i, bool vec, float* f) {
-  constexpr int V = 16 / sizeof(T);
-  if (bias == nullptr) return;
-  float b[V];
-  int64_t j = i % n_bias;
-  if (vec) load_chunk(bias, j, n_bias, true, b);  // vec: n_bias % V == 0, the chunk does not wrap
-  else for (int k = 0; k < V; ++k, j = j + 1 == n_bias ? 0 : j + 1) b[k] = float(bias[j]);
-  for (int k = 0; k < V; ++k) f[k] += b[k];
-}
-
-// Can chunks be 16-byte accesses? When every pointer (0: absent) is 16-byte aligned and the row
-// length (of the bias, of a softmax row; 0: none) is a multiple of V, so that rows start aligned.
-static bool vectorized(int64_t row, size_t size, std::initializer_list<ptr> ptrs) {
-  for (ptr p : ptrs) if (p % 16) return false;
-  return row % (16 / size) == 0;
-}
-static int64_t chunks(int64_t n, size_t size) { return (n + 16 / size - 1) / (16 / size); }
-static dim3 grid(int64_t threads, int block) { return dim3((unsigned)((threads + block - 1) / block)); }
-static const char* launch_error() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-"""
+# 4. the one lazy build
 
 CUDA_FLAGS = ["-O3"]  # not --use_fast_math: it turns tanhf and expf into approximations
 
-
 def _sources():
-    """(C++, CUDA) sources: the kernels with their launchers, and bindings of the launchers' signatures."""
-    cuda = _CUDA_COMMON + _CUDA_HASH + _CUDA_BIAS_GELU + _CUDA_DROPOUT + _CUDA_SOFTMAX
-    launchers = re.findall(r'^extern "C" (const char\* (\w+)\([^)]*\))', cuda, flags=re.M)
+    """(C++, CUDA) sources: the kernels with their launchers, and bindings of the launchers that
+    Python calls by the parameters' names in their C signatures."""
+    cuda = _CUDA_CHUNKS + _CUDA_HASH + _CUDA_BIAS_GELU + _CUDA_DROPOUT + _CUDA_SOFTMAX
+    launchers = re.findall(r'^extern "C" (const char\* (\w+)\(([^)]*)\))', cuda, flags=re.M)
     cpp = "#include <pybind11/pybind11.h>\n#include <stdint.h>\nusing ptr = int64_t;\n"
-    cpp += "".join(f'extern "C" {signature};\n' for signature, _ in launchers)
+    cpp += "".join(f'extern "C" {signature};\n' for signature, _, _ in launchers)
     cpp += "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
-    cpp += "".join(f'  m.def("{name}", &{name});\n' for _, name in launchers)
+    for _, name, params in launchers:  # each argument bound by its name: pybind11::arg("dtype"), ...
+        names = "".join(f', pybind11::arg("{param.split()[-1]}")' for param in params.split(","))
+        cpp += f'  m.def("{name}", &{name}{names});\n'
     return cpp + "}\n", cuda
-
 
 def available():
     """True when the kernels can run: CUDA is present, NANOSP_KERNELS is not "0", and the extension
     built (the first call builds it, about a minute; later processes hit the build cache)."""
     return os.environ.get("NANOSP_KERNELS", "1") != "0" and torch.cuda.is_available() and _build() is not None
-
 
 @functools.cache
 def _build():

@@ -9,9 +9,9 @@ in one GPT you can read top to bottom. The three ideas, and where they live:
    Transformer Models"). LayerNorm and dropout, which tensor parallelism leaves replicated, run on
    T/t sequence shards: f becomes g (all-gather / reduce-scatter), f̄ becomes ḡ (reduce-scatter /
    all-gather); the same bytes on the wire, t times less of those activations. `sequence_parallel`.
-3. Selective activation recomputation (same paper). Only the core attention (QK^T, softmax,
-   dropout, .V), large to store and cheap to recompute, is recomputed in backward. `recompute=`
-   "selective", "full" (keep only each layer's input), or one mode per layer. "recomputation".
+3. Selective activation recomputation (same paper). Only the core attention (QK^T, softmax, dropout,
+   .V), large to store and cheap to recompute, is recomputed in backward: `recompute=` "selective",
+   "full" (keep each layer's input only) or one per layer; `attention="sdpa"` fuses it. "recomputation".
 
 Reading order: config, the four collectives, parallel layers, recomputation, the fusable ops,
 attention / MLP / block, GPT, state dicts; then the dropout hash, a detail the model calls.
@@ -34,11 +34,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import kernels  # fused CUDA versions of the fusable ops, and dropout's rounding of p; importing builds nothing
+
 
 # ----------------------------------------------------------------------------------------------
 # config
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+ATTENTIONS = ("explicit", "sdpa")  # the core attention written out, or F.scaled_dot_product_attention
+
+def _divisors(n):  # what a size that must divide n could be
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 @dataclasses.dataclass
 class GPTConfig:
@@ -51,6 +57,7 @@ class GPTConfig:
     bias: bool = True
     sequence_parallel: bool = False
     recompute: Union[str, tuple] = "none"  # "none" | "selective" | "full", or one of them per layer
+    attention: str = "explicit"  # "explicit": QK^T, softmax, dropout, .V, its s^2 terms visible; "sdpa": fused
     seed: int = 0  # seeds the initial weights and the dropout masks
     fused_kernels: bool = True  # use kernels.py when the tensors are on CUDA
 
@@ -71,6 +78,10 @@ class GPTConfig:
         for mode in (self.recompute,) if isinstance(self.recompute, str) else self.recompute:
             if mode not in RECOMPUTE_MODES:
                 raise ValueError(f"recompute={mode!r} is not one of {RECOMPUTE_MODES}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
+        if self.attention == "sdpa" and self.dropout > 0:  # SDPA's masks: PyTorch's RNG, not nanosp's hash
+            raise ValueError(f"attention='sdpa' takes no dropout (dropout={self.dropout}): use attention='explicit'")
 
     def recompute_of(self, layer):
         return self.recompute if isinstance(self.recompute, str) else self.recompute[layer]
@@ -86,13 +97,9 @@ class GPTConfig:
         if not 1 <= T <= self.block_size:
             raise ValueError(f"sequence length T={T} must be in [1, block_size={self.block_size}]")
         if self.sequence_parallel and T % t:
-            lower, upper = T // t * t, (T // t + 1) * t
-            fits = " or ".join(str(n) for n in (lower, upper) if 0 < n <= self.block_size)
+            fits = " or ".join(str(n) for n in (T // t * t, (T // t + 1) * t) if 0 < n <= self.block_size)
             raise ValueError(f"sequence length T={T} is not divisible by the tensor-parallel size t={t}, "
                              f"which sequence_parallel needs; T={fits or f'a multiple of {t}'} would fit")
-
-def _divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +114,7 @@ def _divisors(n):
 #
 # (forward / backward; Megatron-LM 2019 called f̄ "g".) Each is a no-op on a group of one rank and
 # on group=None, the unsharded model. Gathers and scatters are along dim 0, the sequence.
+# Every collective in this file goes through the three helpers below, which ledgers.py counts.
 
 def group_size(group):
     return 1 if group is None else dist.get_world_size(group)
@@ -114,18 +122,17 @@ def group_size(group):
 def group_rank(group):
     return 0 if group is None else dist.get_rank(group)
 
-# torch 2.13 names these all_gather_single / reduce_scatter_single; earlier releases, *_tensor.
-# With async_op the helpers return (out, work) at once, out ready after work.wait().
+# all_gather_single / reduce_scatter_single from torch 2.13 (*_tensor before); with async_op: (out, work).
 _all_gather_into = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_into = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
-def all_reduce(x, group):
-    """Every rank's x -> their sum on every rank (in place)."""
-    dist.all_reduce(x, group=group)
+def all_reduce(x, group, op=dist.ReduceOp.SUM):
+    """Every rank's x -> their sum (or max: op) on every rank (in place)."""
+    dist.all_reduce(x, op=op, group=group)
     return x
 
 def all_gather_sequence(x, group, async_op=False):
-    """(T/t, ...) on each rank -> (T, ...), rank r's shard at rows [r T/t, (r+1) T/t)."""
+    """(T/t, ...) on each rank -> (T, ...), rank r's shard at rows [r T/t, (r+1) T/t); other dims: moved to 0."""
     out = x.new_empty((x.shape[0] * group_size(group), *x.shape[1:]))
     work = _all_gather_into(out, x.contiguous(), group=group, async_op=async_op)
     return (out, work) if async_op else out
@@ -148,7 +155,7 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         flat = all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), ctx.group)
-        return None, *(part.view_as(grad) for part, grad in zip(flat.split([g.numel() for g in grads]), grads))
+        return None, *(part.view_as(grad) for part, grad in zip(flat.split([x.numel() for x in grads]), grads))
 
 class ReduceFromTensorParallelRegion(torch.autograd.Function):
     """f̄: forward all-reduce, backward identity. Sums the row-parallel linear's partial outputs."""
@@ -203,10 +210,9 @@ def g_bar(x, group):
 # parallel layers
 
 class LinearWithSequenceGather(torch.autograd.Function):
-    """g fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b. Unfused, the linear
-    would save the gathered (T, B, C) input for its weight gradient; this saves the (T/t, B, C)
-    shard and gathers it again in backward: one more all-gather, and the paper's 10 + 24/t bytes
-    per sbh become 34/t."""
+    """g fused into a column-parallel linear: Y = all_gather(X_shard) W^T + b. Unfused, the linear would save
+    the gathered (T, B, C) input for its weight gradient; this saves the (T/t, B, C) shard and gathers it
+    again in backward: one more all-gather, and the paper's 10 + 24/t bytes per sbh become 34/t."""
 
     @staticmethod
     def forward(ctx, x_shard, weight, bias, group):
@@ -266,7 +272,7 @@ class RowParallelLinear(nn.Module):
             y = g_bar(y, self.group)  # (T/t, B, C)
         else:
             y = f_bar(y, self.group)  # (T, B, C)
-        return y, fwd.param(self.bias)
+        return y, fwd.param(self.bias)  # under SP the bias as read through f, just below
 
 def replicated_through_f(module, group, sequence_parallel):
     """Under SP the replicated parameters (LayerNorms, row-parallel biases, wpe) see one sequence
@@ -285,7 +291,6 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, vocab_size, dim, group):
         super().__init__()
-        self.vocab_size, self.group = vocab_size, group
         self.per_rank = -(-vocab_size // group_size(group))  # ceil(V / t)
         self.start = group_rank(group) * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
@@ -301,11 +306,9 @@ class GatherFromVocabRegion(torch.autograd.Function):
     """Logits split by vocabulary -> all of them on every rank (inference); backward keeps our slice."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group):  # (T, B, V'/t) -> (T, B, V')
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(group_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+        return all_gather_sequence(x.movedim(-1, 0), group).movedim(0, -1)  # the vocabulary moved to dim 0
 
     @staticmethod
     def backward(ctx, grad):
@@ -316,20 +319,20 @@ def vocab_parallel_cross_entropy(logits, targets, vocab_start, vocab_size, group
     log(sum_v exp(z_v - m)) - (z_target - m), each sum reduced by f̄, whose identity backward is
     right: every rank computes the same loss. Targets -1 and -100 are ignored (all ignored: 0)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
-    n = logits.shape[-1]
-    vocab_ids = torch.arange(vocab_start, vocab_start + n, device=logits.device)
-    logits = logits.masked_fill(vocab_ids >= vocab_size, float("-inf"))  # padding never reaches the loss
+    n, valid = logits.shape[-1], targets >= 0
+    if group_size(group) == 1:  # the whole vocabulary, no padding: PyTorch's fused log-softmax and NLL
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=-1), ignore_index=-1, reduction="sum")
+        return nll / valid.sum().clamp(min=1)
+    if vocab_start + n > vocab_size:  # padding rows here: they never reach the loss
+        logits = logits.masked_fill(torch.arange(n, device=logits.device) >= vocab_size - vocab_start, float("-inf"))
     with torch.no_grad():  # the max only stabilises exp; its gradient cancels
-        m = logits.max(dim=-1).values  # (T, B)
-        if group_size(group) > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = all_reduce(logits.max(dim=-1).values, group, op=dist.ReduceOp.MAX)  # (T, B), over every rank's
     shifted = logits - m[..., None]
     sum_exp = f_bar(shifted.exp().sum(dim=-1), group)  # (T, B)
     local_target = targets - vocab_start
     mine = (local_target >= 0) & (local_target < n)
     picked = shifted.gather(-1, local_target.clamp(0, n - 1)[..., None])[..., 0]
     target_logit = f_bar(picked.masked_fill(~mine, 0.0), group)  # (T, B)
-    valid = targets >= 0
     return (sum_exp.log() - target_logit)[valid].sum() / valid.sum().clamp(min=1)
 
 
@@ -352,7 +355,6 @@ class Recompute(torch.autograd.Function):
         inputs = [x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
         with torch.enable_grad():
             outputs = ctx.fn(*inputs)
-        outputs = (outputs,) if torch.is_tensor(outputs) else outputs
         torch.autograd.backward(outputs, grads)  # parameter gradients accumulate here
         return (None, *(x.grad for x in inputs))
 
@@ -372,15 +374,12 @@ def dropout(x, p, key, offset):
     the mask for backward, a bool, one byte per element."""
     if key is None or p == 0.0:
         return x
-    threshold = dropout_threshold(p)
     keep = dropout_keep_mask(x.shape, p, key, offset, x.device)
-    return torch.where(keep, x * (2**16 / (2**16 - threshold)), 0.0)  # 1 / (1 - p) for the rounded p
+    return torch.where(keep, x * kernels.dropout_scale(p), 0.0)  # 1 / (1 - p) for p rounded to 2^-16
 
 def bias_dropout_add(x, bias, residual, p, key, offset):
     """residual + dropout(x + bias); bias may be None."""
-    if bias is not None:
-        x = x + bias
-    return residual + dropout(x, p, key, offset)
+    return residual + dropout(x if bias is None else x + bias, p, key, offset)
 
 def causal_softmax(scores, scale):
     """softmax(scores * scale + causal mask) over the last dim. scores: (a/t B, T, T)."""
@@ -392,21 +391,20 @@ REFERENCE_OPS = SimpleNamespace(bias_gelu=bias_gelu, dropout=dropout, bias_dropo
                                 causal_softmax=causal_softmax)
 
 def ops_for(x, cfg):
-    """kernels.py when cfg.fused_kernels, x is on CUDA and the kernels build; else nanosp's ops."""
-    if cfg.fused_kernels and x.is_cuda:
-        import kernels  # imported lazily: it is only needed (and only built) on CUDA
-        if kernels.available():
-            return kernels
-    return REFERENCE_OPS
+    """kernels.py when cfg.fused_kernels, x is on CUDA and the kernels build (the first call on CUDA
+    builds them); else nanosp's ops."""
+    return kernels if cfg.fused_kernels and x.is_cuda and kernels.available() else REFERENCE_OPS
 
-class Forward(NamedTuple):
-    """What one forward pass shares with every layer."""
+class ForwardContext(NamedTuple):
+    """What one forward pass hands every layer; GPT.forward builds one per pass (the default: a Block alone)."""
     ops: SimpleNamespace = REFERENCE_OPS  # nanosp's definitions, or kernels.py
-    seed: Optional[int] = None  # of the dropout masks; None: no dropout
-    shared: dict = {}  # under SP: replicated parameter -> what the layers read (replicated_through_f)
+    seed: Optional[int] = None  # of this pass's dropout masks; None: no dropout
+    through_f: Optional[dict] = None  # under SP: {replicated parameter: its read through f}
 
     def param(self, p):
-        return self.shared.get(p, p)
+        """p as a layer reads it: under SP a replicated parameter sees one sequence shard, so it is read
+        through f, whose backward sums its gradient over the ranks (replicated_through_f); else p."""
+        return p if self.through_f is None else self.through_f.get(p, p)
 
     def dropout_key(self, layer, site):
         return None if self.seed is None else dropout_key(self.seed, layer, site)
@@ -415,6 +413,8 @@ class Forward(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # attention, MLP, block
 
+SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3  # dropout sites (the embedding's: layer n_layer)
+
 class LayerNorm(nn.Module):
     def __init__(self, dim, bias):
         super().__init__()
@@ -422,7 +422,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
     def forward(self, x, fwd):  # saves its input x: 2sbh (2sbh/t under SP)
-        return F.layer_norm(x, (x.shape[-1],), fwd.param(self.weight), fwd.param(self.bias), 1e-5)
+        return F.layer_norm(x, x.shape[-1:], fwd.param(self.weight), fwd.param(self.bias), 1e-5)  # SP: through f
 
 def core_attention(q, k, v, ops, p, key, offset):
     """softmax(Q K^T / sqrt(d) + causal mask), dropout, times V. q, k, v: (a/t B, T, d). This is
@@ -431,6 +431,11 @@ def core_attention(q, k, v, ops, p, key, offset):
     probs = ops.causal_softmax(scores, 1.0 / math.sqrt(q.shape[-1]))  # saves softmax out: 2as^2b/t
     probs = ops.dropout(probs, p, key, offset)  # saves the mask: as^2b/t (one byte each)
     return torch.bmm(probs, v)  # (a/t B, T, d); saves dropout out 2as^2b/t and V 2sbh/t
+
+# The same, fused: PyTorch's FlashAttention kernel (its CPU port on a CPU) on (1, B a/t, T, d) never stores the
+# s^2 tensors and recomputes QK^T in its backward; it saves Q, K, V, its output (c_proj's input too) and one
+# float32 log-sum-exp per head and row: 4asb/t bytes.
+fused_attention = partial(F.scaled_dot_product_attention, is_causal=True)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, group, layer):
@@ -441,19 +446,19 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, group, cfg.sequence_parallel, cfg.bias, 3)
         self.c_proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
 
-    def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
+    def forward(self, x, fwd, selective=False):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
         qkv = self.c_attn(x)  # (T, B, 3C/t)
-        q, k, v = rearrange(qkv, "T B (three a d) -> three (a B) T d", three=3, d=self.head_dim)
-        T, B = qkv.shape[0], qkv.shape[1]
-        # the probabilities are laid out (a, B, T, T) with heads outermost: this rank's heads are one
-        # contiguous block of the unsharded tensor, starting at element first_head * B T T
-        attend = partial(core_attention, ops=fwd.ops, p=self.cfg.dropout,
-                         key=fwd.dropout_key(self.layer, SITE_ATTN_PROBS), offset=self.first_head * B * T * T)
-        if self.cfg.recompute_of(self.layer) == "selective":
-            y = Recompute.apply(attend, q, k, v)  # keeps Q, K, V; recomputes the s^2 part
-        else:
-            y = attend(q, k, v)
-        y = rearrange(y, "(a B) T d -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
+        T, B, d = qkv.shape[0], qkv.shape[1], self.head_dim
+        if self.cfg.attention == "sdpa":  # (1, B a/t, T, d), laid out (T, B a/t, d) like SDPA's output: c_proj's input
+            q, k, v = (z.contiguous().view(T, -1, d).transpose(0, 1)[None] for z in qkv.chunk(3, dim=-1))
+            attend, heads = fused_attention, "1 (B a) T d"
+        else:  # heads outermost: this rank's probabilities are one block of the unsharded (a, B, T, T) ones
+            q, k, v = rearrange(qkv, "T B (three a d) -> three (a B) T d", three=3, d=d)
+            attend = partial(core_attention, ops=fwd.ops, p=self.cfg.dropout, offset=self.first_head * B * T * T,
+                             key=fwd.dropout_key(self.layer, SITE_ATTN_PROBS))
+            heads = "(a B) T d"
+        y = Recompute.apply(attend, q, k, v) if selective else attend(q, k, v)  # selective: keeps Q, K, V only
+        y = rearrange(y, f"{heads} -> T B (a d)", B=B)  # (T, B, C/t); saved by c_proj: 2sbh/t
         return self.c_proj(y, fwd)  # (T/t or T, B, C), bias
 
 class MLP(nn.Module):
@@ -463,32 +468,32 @@ class MLP(nn.Module):
         self.c_proj = RowParallelLinear(4 * cfg.n_embd, cfg.n_embd, group, cfg.sequence_parallel, cfg.bias)
 
     def forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C); saved: 2sbh
-        h = self.c_fc(x, add_bias=False)  # (T, B, 4C/t)
-        h = fwd.ops.bias_gelu(h, self.c_fc.bias)  # saves the GeLU input: 8sbh/t
+        h = fwd.ops.bias_gelu(self.c_fc(x, add_bias=False), self.c_fc.bias)  # (T, B, 4C/t); saves its input: 8sbh/t
         return self.c_proj(h, fwd)  # saves the GeLU output: 8sbh/t; returns (T/t or T, B, C), bias
 
 class Block(nn.Module):
     def __init__(self, cfg, group, layer):
         super().__init__()
         self.cfg, self.group, self.layer = cfg, group, layer
+        self.recompute = cfg.recompute_of(layer)  # this layer's mode: GPT.set_recompute changes it, never cfg
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg, group, layer)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg, group)
 
-    def forward(self, x, fwd=Forward()):  # fwd: what the forward shares with every layer (none: a layer alone)
-        if self.cfg.recompute_of(self.layer) == "full":  # keeps x (and the parameters read through f)
-            shared = [p for p in self.parameters() if p in fwd.shared]
+    def forward(self, x, fwd=ForwardContext()):  # fwd: what this forward pass hands every layer
+        if self.recompute == "full":  # keeps x (and the parameters read through f)
+            replicated = [p for p in self.parameters() if p in (fwd.through_f or {})]
             def layer(x, *params):  # the replay reads the parameters it was given, as inputs
-                return self._forward(x, fwd._replace(shared=dict(zip(shared, params))))
-            return Recompute.apply(layer, x, *(fwd.shared[p] for p in shared))
+                return self._forward(x, fwd._replace(through_f=dict(zip(replicated, params))))
+            return Recompute.apply(layer, x, *(fwd.through_f[p] for p in replicated))
         return self._forward(x, fwd)
 
     def _forward(self, x, fwd):  # x: (T/t, B, C) under SP, else (T, B, C)
         p, ops, key = self.cfg.dropout, fwd.ops, partial(fwd.dropout_key, self.layer)
         # a dropout region is this rank's slice of the global (T, B, C) tensor: rows from rank T/t
         offset = group_rank(self.group) * x.numel() if self.cfg.sequence_parallel else 0
-        y, bias = self.attn(self.ln_1(x, fwd), fwd)
+        y, bias = self.attn(self.ln_1(x, fwd), fwd, selective=self.recompute == "selective")
         x = ops.bias_dropout_add(y, bias, x, p, key(SITE_ATTN_OUT), offset)  # saves the mask: sbh (sbh/t SP)
         y, bias = self.mlp(self.ln_2(x, fwd), fwd)
         return ops.bias_dropout_add(y, bias, x, p, key(SITE_MLP_OUT), offset)  # saves the mask: sbh (sbh/t SP)
@@ -520,8 +525,10 @@ class GPT(nn.Module):
         self.load_full_state_dict(init_full_state_dict(cfg, self.full_shapes()))
 
     def set_recompute(self, recompute):
-        """Another recompute plan from the next forward on (a mode, or one per layer)."""
-        self.cfg.recompute = dataclasses.replace(self.cfg, recompute=recompute).recompute
+        """Another plan (a mode, or one per layer) from the next forward on: each Block's mode, a new self.cfg."""
+        self.cfg = dataclasses.replace(self.cfg, recompute=recompute)  # checks the plan
+        for block in self.h:
+            block.recompute = self.cfg.recompute_of(block.layer)
 
     def check_input(self, idx, targets):
         """Refuse what would otherwise run silently wrong."""
@@ -544,34 +551,31 @@ class GPT(nn.Module):
                              f"an ignored position (-1, or PyTorch's -100)")
 
     def next_dropout_seed(self):
-        """(cfg.seed, training forwards so far): the seed of this forward's dropout masks, or None."""
+        """The seed of this forward's dropout masks (cfg.seed, training forwards before it), or None."""
         self.forward_count += self.training
         if self.training and self.cfg.dropout > 0:
-            return (self.cfg.seed & M32) << 32 | ((self.forward_count - 1) & M32)
+            return forward_seed(self.cfg.seed, self.forward_count - 1)
 
     def forward(self, idx, targets=None):
         self.check_input(idx, targets)
-        cfg, group, sp = self.cfg, self.group, self.cfg.sequence_parallel
-        T, t, rank = idx.shape[1], self.tp_size, self.tp_rank
-        fwd = Forward(ops_for(idx, cfg), self.next_dropout_seed(), replicated_through_f(self, group, sp))
+        cfg, group, sp, rank = self.cfg, self.group, self.cfg.sequence_parallel, self.tp_rank
+        fwd = ForwardContext(ops_for(idx, cfg), self.next_dropout_seed(), replicated_through_f(self, group, sp))
 
         x = self.wte(idx.T)  # (T, B, C), each rank's partial: only its vocabulary rows
         if sp:
             x = g_bar(x, group)  # (T/t, B, C)
-            positions = torch.arange(rank * T // t, (rank + 1) * T // t, device=idx.device)
         else:
             x = f_bar(x, group)  # (T, B, C)
-            positions = torch.arange(T, device=idx.device)
-        x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]
-        key = fwd.dropout_key(cfg.n_layer, SITE_EMBED)
-        x = fwd.ops.dropout(x, cfg.dropout, key, x.numel() * rank if sp else 0)
+        positions = torch.arange(x.shape[0], device=idx.device) + (rank * x.shape[0] if sp else 0)  # this rank's rows
+        x = x + F.embedding(positions, fwd.param(self.wpe.weight))[:, None, :]  # wpe read through f under SP
+        x = fwd.ops.dropout(x, cfg.dropout, fwd.dropout_key(cfg.n_layer, SITE_EMBED), x.numel() * rank if sp else 0)
         for block in self.h:
             x = block(x, fwd)
         x = self.ln_f(x, fwd)
         logits = column_parallel_linear(x, self.wte.weight, None, group, sp)  # (T, B, V'/t), tied head
         if targets is not None:
             return None, vocab_parallel_cross_entropy(logits, targets.T, self.wte.start, cfg.vocab_size, group)
-        if t > 1:
+        if self.tp_size > 1:
             logits = GatherFromVocabRegion.apply(logits, group)  # (T, B, V')
         return logits[..., :cfg.vocab_size].transpose(0, 1), None  # (B, T, V)
 
@@ -598,14 +602,13 @@ class GPT(nn.Module):
     def full_tensor(self, name, local):
         """Collective: every rank's shard of `name` -> the unsharded tensor (a new one) on every rank."""
         if name not in self.shard_dims or self.tp_size == 1:
-            full = local.clone()
-        else:
-            dim, chunks = self.shard_dims[name]
-            parts = []
-            for chunk in local.chunk(chunks, dim):  # each of q, k, v, or the whole tensor
-                parts += [torch.empty_like(chunk) for _ in range(self.tp_size)]
-                dist.all_gather(parts[-self.tp_size:], chunk.contiguous(), group=self.group)
-            full = torch.cat(parts, dim)
+            return local.clone()
+        dim, chunks = self.shard_dims[name]
+        parts = []
+        for chunk in local.chunk(chunks, dim):  # each of q, k, v, or the whole tensor
+            gathered = all_gather_sequence(chunk.movedim(dim, 0), self.group)  # the split dimension moved to dim 0
+            parts.append(gathered.movedim(0, dim))
+        full = torch.cat(parts, dim)
         return full[: self.cfg.vocab_size] if name == "wte.weight" else full
 
     @torch.no_grad()
@@ -652,11 +655,9 @@ def init_full_state_dict(cfg, shapes):
 # A mask bit is a pure function of (seed, layer, site, global element index): rank r of a t-way
 # model draws exactly its slice of the unsharded model's mask, and recomputation replays it.
 # (Megatron-LM instead forks separate CUDA RNG states for the sharded and the replicated regions.)
+# p is rounded to 2^-16 by kernels.dropout_threshold / dropout_scale: kernels.py needs them and imports no nanosp.
 
 M32 = 0xFFFFFFFF
-
-# dropout sites of a layer (the embedding dropout uses layer index n_layer)
-SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_MLP_OUT, SITE_EMBED = 0, 1, 2, 3
 
 def mix32(x, k=0):
     """A keyed 32-bit integer hash: two xor-shift-multiply rounds, the key k between them. Exact on
@@ -671,15 +672,14 @@ def mix32(x, k=0):
     x ^= x >> 16
     return x
 
+def forward_seed(seed, forward):
+    """The 64-bit seed of one forward pass's masks: cfg.seed, and the training forwards before it."""
+    return (seed & M32) << 32 | (forward & M32)
+
 def dropout_key(seed, layer, site):
     """The 64-bit key of one dropout site of one layer in one forward pass (Python ints)."""
     k0 = mix32(mix32(seed & M32, (seed >> 32) & M32) ^ layer, site)
     return mix32(k0, 0x9E3779B9) << 32 | k0
-
-def dropout_threshold(p):
-    """An element is kept when its 16 hash bits are >= this: p rounded to a multiple of 2^-16; an
-    element is kept with probability exactly 1 - threshold / 2^16."""
-    return min(round(p * 2**16), 2**16 - 1)
 
 def dropout_keep_mask(shape, p, key, offset, device=None):
     """Which elements dropout keeps. Element i of the local tensor (row-major) is element offset + i
@@ -697,4 +697,4 @@ def dropout_keep_mask(shape, p, key, offset, device=None):
         # int16 is signed: each half's top bit is flipped, which keeps the order, shifted down by 2^15
         bits[start - first:end - first] = h ^ 0x80008000  # int64 -> int32, the same 32 bits
     halves = bits.view(torch.int16)  # the low half first (little-endian, as everywhere torch runs)
-    return (halves[offset % 2:][:numel] >= dropout_threshold(p) - 2**15).view(shape)
+    return (halves[offset % 2:][:numel] >= kernels.dropout_threshold(p) - 2**15).view(shape)  # p rounded to 2^-16

@@ -488,6 +488,20 @@ def world():
     w.close()
 
 
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+@st.composite
+def cases(draw, name, constraint):
+    t = draw(st.sampled_from([2, 4]))
+    H = t * draw(st.integers(1, 2)) * (2 if name == "gqa" else 1)  # gqa: the k, v heads (H / 2) split too
+    C = H * draw(st.sampled_from([2, 4])) * (4 if name == "narrow" else 1)
+    T = t * draw(st.integers(1, 3)) if constraint == "activations" else draw(st.integers(2, 9))
+    return dict(name=name, t=t, constraint=constraint, B=draw(st.integers(1, 3)), T=T, C=C, H=H,
+                seed=draw(st.integers(0, 2**30)))
+
+
 def task_equivalence(ctx, name, t, constraint, B, T, C, H, seed):
     """On every rank of a group of t: the plan discovered on a meta-device copy, a real float64 module sharded
     with it; outputs, input gradients and full_grads() against the unsharded module; the collectives logged
@@ -519,20 +533,6 @@ def task_equivalence(ctx, name, t, constraint, B, T, C, H, seed):
     errors = {"output": rel_err(ys, y), "input grad": rel_err(x.grad, expected_x)}
     errors.update((f"grad {n}", rel_err(grads[n], g)) for n, g in expected.items())
     return errors, ran == sorted(plan.collectives), plan.bytes_sent
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-
-@st.composite
-def cases(draw, name, constraint):
-    t = draw(st.sampled_from([2, 4]))
-    H = t * draw(st.integers(1, 2)) * (2 if name == "gqa" else 1)  # gqa: the k, v heads (H / 2) split too
-    C = H * draw(st.sampled_from([2, 4])) * (4 if name == "narrow" else 1)
-    T = t * draw(st.integers(1, 3)) if constraint == "activations" else draw(st.integers(2, 9))
-    return dict(name=name, t=t, constraint=constraint, B=draw(st.integers(1, 3)), T=T, C=C, H=H,
-                seed=draw(st.integers(0, 2**30)))
 
 
 @pytest.mark.parametrize("constraint", ["weights", "activations"])
@@ -582,7 +582,7 @@ def task_nanosp_block(ctx, t, sequence_parallel):
     y_auto.sum().backward()
     rows = slice(r * s // t, (r + 1) * s // t) if sequence_parallel else slice(None)
     x_mine = x.detach()[rows].clone().requires_grad_(True)
-    y_mine = mine(x_mine, nanosp.Forward(shared=nanosp.replicated_through_f(mine, group, sequence_parallel)))
+    y_mine = mine(x_mine, nanosp.ForwardContext(through_f=nanosp.replicated_through_f(mine, group, sequence_parallel)))
     y_mine.sum().backward()
     grads = sharded.full_grads()
     return [rel_err(y_auto[rows], y_mine), rel_err(x.grad[rows], x_mine.grad)] + [

@@ -79,7 +79,8 @@ def f64(*tensors):
 
 
 def test_import_compiles_nothing_and_cpu_has_no_kernels():
-    code = ("import sys, torch, kernels; built = kernels._build.cache_info; assert built().currsize == 0; "
+    """Importing kernels, and nanosp, which imports it, builds nothing; on a CPU there are no kernels."""
+    code = ("import sys, torch, nanosp, kernels; built = kernels._build.cache_info; assert built().currsize == 0; "
             "a = kernels.available(); assert built().currsize == 0 and built().misses == 0, 'built'; "
             "assert 'torch.utils.cpp_extension' not in sys.modules, 'imported the builder'; "
             "assert not torch.cuda.is_initialized(), 'initialized CUDA'; print(a)")
@@ -248,8 +249,9 @@ def emulated_source(cuda):
             end += 1
         out.append(f"{cuda[pos:m.start()]}emulate_launch({m[2]}, [&] {{ {m[1]}({cuda[m.end():end - 1]}); }})")
         pos = end
-    assert len(out) == 4, f"expected the 4 launches of kernels.py, found {len(out)}"
-    return "".join(out) + cuda[pos:]
+    out.append(cuda[pos:])
+    assert len(out) == 6 and "<<<" not in "".join(out), f"expected the 5 launches of kernels.py, found {len(out) - 1}"
+    return "".join(out)
 
 
 def _run_all(cmds):
@@ -312,11 +314,24 @@ def built(tmp_path_factory):
 
 
 def launcher_signatures():
-    """{name: ctypes argument types} of the launchers, from the C++ declarations load_inline binds."""
-    types = {"int": ctypes.c_int, "ptr": ctypes.c_int64, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
+    """{name: {parameter: ctypes type}} of the launchers, from the C++ declarations load_inline binds."""
+    types = {"int": ctypes.c_int, "ptr": ctypes.c_int64, "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64,
+             "uint32_t": ctypes.c_uint32, "float": ctypes.c_float}
     cpp = kernels._sources()[0]
-    return {name: [types[arg.split()[0]] for arg in args.split(",")]
+    return {name: {arg.split()[1]: types[arg.split()[0]] for arg in args.split(",")}
             for name, args in re.findall(r'extern "C" const char\* (\w+)\(([^)]*)\);', cpp)}
+
+
+def bind_by_name(fn, params):
+    """The ctypes function fn called as pybind11 calls a launcher: every parameter by its name, no
+    other; its error string, or None."""
+    def call(**args):
+        if set(args) != set(params):
+            raise TypeError(f"{fn.__name__}() takes {sorted(params)}, got {sorted(args)}")
+        error = fn(*(args[name] for name in params))
+        return error and error.decode()
+    fn.argtypes, fn.restype = list(params.values()), ctypes.c_char_p
+    return call
 
 
 def test_extension_compiles_links_and_binds_the_launchers(built):
@@ -324,11 +339,15 @@ def test_extension_compiles_links_and_binds_the_launchers(built):
     ext = importlib.util.module_from_spec(importlib.util.spec_from_loader("nanosp_kernels", loader))
     loader.exec_module(ext)
     signatures = launcher_signatures()
-    assert set(signatures) == {"bias_gelu", "dropout_add", "causal_softmax"}
-    assert all(callable(getattr(ext, name)) for name in signatures)
-    if not torch.cuda.is_available():  # with no device the CUDA runtime's error comes back as a string
-        error = ext.bias_gelu(0, 0, 0, 0, 0, 0, 0, 0)
-        assert isinstance(error, str) and error
+    assert set(signatures) == {"bias_gelu_forward", "bias_gelu_backward", "bias_dropout_add", "causal_softmax_forward",
+                               "causal_softmax_backward"}
+    for name, params in signatures.items():  # bound by the names of their C parameters, and only by them
+        with pytest.raises(TypeError):
+            getattr(ext, name)(**dict.fromkeys(params, 0), unknown=0)
+        if not torch.cuda.is_available():  # with no device the CUDA runtime's error comes back as a string
+            args = dict.fromkeys(params, 0) | ({"key": 2**64 - 1} if "key" in params else {})  # a key's whole range
+            error = getattr(ext, name)(**args)
+            assert isinstance(error, str) and error
 
 
 HASH_SETTINGS = settings(deadline=None, max_examples=200)
@@ -342,7 +361,7 @@ offsets = (st.sampled_from([0, 2**32 - 1, 2**32 - 777, 2**32, 2**40 + 3, 2**62 -
 def test_hash_on_the_host_is_nanosp_mask_bit_for_bit(built, n, key, offset, p):
     out = torch.full((n,), 7, dtype=torch.uint8)
     built.hash.keep_mask(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n), ctypes.c_uint64(key),
-                         ctypes.c_uint64(offset), ctypes.c_uint32(kernels._mask_args(p, key, offset)[2]))
+                         ctypes.c_uint64(offset), ctypes.c_uint32(kernels.dropout_threshold(p)))
     assert torch.equal(out, nanosp.dropout_keep_mask((n,), p, key, offset).to(torch.uint8))
 
 
@@ -356,11 +375,8 @@ def emulated(built, monkeypatch):
     bypassed (they would refuse CPU tensors): its launches, autograd Functions and public functions
     run as on CUDA."""
     lib = built.emulator
-    extension = SimpleNamespace()
-    for name, argtypes in launcher_signatures().items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_char_p
-        setattr(extension, name, lambda *args, fn=fn: (lambda error: error and error.decode())(fn(*args)))
+    extension = SimpleNamespace(**{name: bind_by_name(getattr(lib, name), params)
+                                   for name, params in launcher_signatures().items()})
     monkeypatch.setattr(kernels, "_build", lambda: extension)
     monkeypatch.setattr(kernels, "_checked", lambda name, t, like=None, shape=None: t.contiguous())
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -417,7 +433,7 @@ def test_dropout_masks_are_nanosp_masks(device, dtype, shape, offset):
         keep = nanosp.dropout_keep_mask(shape, p, key, offset, device=device)
         ones = torch.ones(shape, dtype=dtype, device=device)
         out, (grad,) = grads(lambda x: kernels.dropout(x, p, key, offset), [ones], 2 * ones)
-        scale = 2**16 / (2**16 - nanosp.dropout_threshold(p))  # 1 / (1 - p) for p rounded to 2**-16
+        scale = 1 / (1 - round(p * 2**16) / 2**16)  # 1 / (1 - p) for p rounded to 2**-16
         scale = torch.tensor(scale, dtype=torch.float32).to(dtype).item()  # rounded as the kernel stores
         assert torch.equal(out != 0, keep) and torch.equal(out[keep], torch.full_like(out[keep], scale))
         assert torch.equal(grad != 0, keep)

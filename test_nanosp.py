@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import traceback
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import kernels
 import ledgers
 import nanosp
 from nanosp import GPT, GPTConfig
@@ -148,7 +150,8 @@ def make_batch(cfg, batch, seq, seed, ignore=True):
 
 
 def unsharded_twin(cfg):
-    plain = GPTConfig(**{**cfg.__dict__, "sequence_parallel": False, "recompute": "none"})
+    """The reference: unsharded, no recomputation, the core attention written out."""
+    plain = GPTConfig(**{**cfg.__dict__, "sequence_parallel": False, "recompute": "none", "attention": "explicit"})
     return GPT(plain).double()
 
 
@@ -166,6 +169,31 @@ def sharded_and_twin(ctx, t, case):
     model.load_full_state_dict(sd)
     reference.load_full_state_dict(sd)
     return cfg, batch, seq, model, reference
+
+
+@st.composite
+def configurations(draw):
+    t = draw(st.sampled_from([1, 2, 3, 4]))
+    sp = draw(st.booleans())
+    n_head = t * draw(st.integers(1, 2))
+    seq = t * draw(st.integers(1, 3)) if sp else draw(st.integers(1, 9))
+    n_layer = draw(st.integers(1, 3))
+    mode = st.sampled_from(nanosp.RECOMPUTE_MODES)
+    recompute = draw(mode | st.lists(mode, min_size=n_layer, max_size=n_layer))  # one for all, or per layer
+    attention = draw(st.sampled_from(nanosp.ATTENTIONS))
+    return dict(
+        t=t, sequence_parallel=sp, recompute=recompute, attention=attention,  # sdpa takes no dropout
+        dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)),
+        seq=seq, block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
+        # n_embd >= 4: a LayerNorm over 2 features outputs +-1 (up to its eps) whatever its input, so the
+        # gradients below it are cancellations, which two different attention kernels round differently
+        n_embd=n_head * draw(st.sampled_from([2, 4, 8] if n_head > 1 else [4, 8])),
+        vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
+        n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
+
+
+# ----------------------------------------------------------------------------------------------
+# equivalence
 
 
 def task_equivalence(ctx, t, steps=2, **case):
@@ -199,28 +227,6 @@ def task_equivalence(ctx, t, steps=2, **case):
     full, full_ref = model.full_state_dict(), reference.full_state_dict()
     errors["weights"] = max(rel_err(full[n], full_ref[n]) for n in full_ref)
     return errors
-
-
-@st.composite
-def configurations(draw):
-    t = draw(st.sampled_from([1, 2, 3, 4]))
-    sp = draw(st.booleans())
-    n_head = t * draw(st.integers(1, 2))
-    seq = t * draw(st.integers(1, 3)) if sp else draw(st.integers(1, 9))
-    n_layer = draw(st.integers(1, 3))
-    mode = st.sampled_from(nanosp.RECOMPUTE_MODES)
-    recompute = draw(mode | st.lists(mode, min_size=n_layer, max_size=n_layer))  # one for all, or per layer
-    return dict(
-        t=t, sequence_parallel=sp, recompute=recompute,
-        dropout=draw(st.sampled_from([0.0, 0.2])), batch=draw(st.integers(1, 3)), seq=seq,
-        block_size=seq + draw(st.integers(0, 3)), n_head=n_head,
-        n_embd=n_head * draw(st.sampled_from([2, 4, 8])),
-        vocab_size=draw(st.integers(3, 37)),  # many not divisible by t
-        n_layer=n_layer, bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
-
-
-# ----------------------------------------------------------------------------------------------
-# equivalence
 
 
 @settings(max_examples=int(os.environ.get("NANOSP_EXAMPLES", 60)))
@@ -345,24 +351,6 @@ def _transformers_reference(cfg, sd, idx, targets, ignore_index):
     return logits.detach(), loss.detach(), grads
 
 
-def task_against_transformers(ctx, t, case, sd, idx, targets, want):
-    """Rank's logits, loss and every gathered gradient against transformers' (`want`): unsharded
-    on rank 0 when t = 1, else the t-way model. Returns the worst relative errors."""
-    group = None if t == 1 else ctx.group(t)
-    if (t == 1 and ctx.rank) or (t > 1 and group is None):
-        return None
-    model = GPT(GPTConfig(**case), group).double()
-    model.load_full_state_dict(sd)
-    logits, _ = model(idx)
-    _, loss = model(idx, targets)
-    loss.backward()
-    logits_want, loss_want, grads_want = want
-    errors = {"logits": rel_err(logits, logits_want), "loss": rel_err(loss, loss_want)}
-    for name, p in model.named_parameters():
-        errors[name] = rel_err(model.full_tensor(name, p.grad), grads_want[name])
-    return errors
-
-
 @st.composite
 def transformers_cases(draw):
     """configurations() without dropout, with a share of ignored targets (nanosp's -1 or PyTorch's
@@ -387,6 +375,24 @@ def sequence_parallel_case(t, recompute, **changes):
 MIXED = ("full", "selective", "none")
 # besides the drawn cases: t = 2 and 4 with SP under each recompute mode and a per-layer mix
 SP_CASES = [sequence_parallel_case(t, recompute) for t in (2, 4) for recompute in (*nanosp.RECOMPUTE_MODES, MIXED)]
+
+
+def task_against_transformers(ctx, t, case, sd, idx, targets, want):
+    """Rank's logits, loss and every gathered gradient against transformers' (`want`): unsharded
+    on rank 0 when t = 1, else the t-way model. Returns the worst relative errors."""
+    group = None if t == 1 else ctx.group(t)
+    if (t == 1 and ctx.rank) or (t > 1 and group is None):
+        return None
+    model = GPT(GPTConfig(**case), group).double()
+    model.load_full_state_dict(sd)
+    logits, _ = model(idx)
+    _, loss = model(idx, targets)
+    loss.backward()
+    logits_want, loss_want, grads_want = want
+    errors = {"logits": rel_err(logits, logits_want), "loss": rel_err(loss, loss_want)}
+    for name, p in model.named_parameters():
+        errors[name] = rel_err(model.full_tensor(name, p.grad), grads_want[name])
+    return errors
 
 
 @settings(max_examples=int(os.environ.get("NANOSP_EXAMPLES", 60)) // 3)
@@ -479,19 +485,6 @@ def test_a_loss_on_the_gathered_logits_backpropagates(world, case):
 # the known traps
 
 
-def task_sp_parameter_grads(ctx, summed, recompute="none"):
-    """Under SP, LayerNorm weights (ln_f too), row-parallel biases and the position embedding see
-    one sequence shard per rank. With `summed=False` the f that sums their gradients is removed,
-    to show this test catches the trap."""
-    real = nanosp.replicated_through_f
-    if not summed:
-        nanosp.replicated_through_f = lambda module, group, sequence_parallel: {}
-    try:
-        return _sp_parameter_grad_errors(ctx, recompute)
-    finally:
-        nanosp.replicated_through_f = real
-
-
 def _sp_parameter_grad_errors(ctx, recompute):
     """Two micro-batches accumulate their gradients, as train.py's --grad-accum does; each backward
     sums the replicated parameters' gradients in one all-reduce, counted by the collective log."""
@@ -512,6 +505,19 @@ def _sp_parameter_grad_errors(ctx, recompute):
     errors = {n: rel_err(dict(model.named_parameters())[n].grad, ref[n].grad) for n in names}
     sums = [n for _, operator, op, n in log if operator == "CopyToTensorParallelRegion.backward"]
     return errors, sums
+
+
+def task_sp_parameter_grads(ctx, summed, recompute="none"):
+    """Under SP, LayerNorm weights (ln_f too), row-parallel biases and the position embedding see
+    one sequence shard per rank. With `summed=False` the f that sums their gradients is removed,
+    to show this test catches the trap."""
+    real = nanosp.replicated_through_f
+    if not summed:
+        nanosp.replicated_through_f = lambda module, group, sequence_parallel: {}
+    try:
+        return _sp_parameter_grad_errors(ctx, recompute)
+    finally:
+        nanosp.replicated_through_f = real
 
 
 @pytest.mark.parametrize("recompute", nanosp.RECOMPUTE_MODES)
@@ -562,35 +568,37 @@ def test_padded_vocabulary_never_reaches_the_loss(world):
 
 
 def task_reshard(ctx):
-    """Train a step at t = 2, gather weights and AdamW state, load them at t = 4 and t = 1, take the
-    next step there: the same weights as taking both steps at t = 2 (and unsharded)."""
+    """Train a step at t = 2, gather weights and AdamW state as train.py's checkpoints hold them
+    (train.optimizer_state: unsharded, by name), load them at t = 4 and t = 1 as its resume does
+    (train.load_optimizer_state), take the next step there: the same weights as taking both steps
+    at t = 2 (and unsharded). The optimizer is train.py's: decay and no-decay groups, so each
+    parameter's state must find its place in another order than the model's."""
+    import argparse
+
+    import train
+
     cfg = GPTConfig(vocab_size=23, block_size=8, n_layer=2, n_head=4, n_embd=16, sequence_parallel=True,
                     dropout=0.1)
     idx, targets = make_batch(cfg, 2, 8, 4)
+    options = argparse.Namespace(lr=1e-2, weight_decay=0.1)
 
     def step(model, opt):
         opt.zero_grad()
         model(idx, targets)[1].backward()
         opt.step()
 
-    def start(t, sd=None, opt_sd=None, forward_count=0):
+    def start(t, sd=None, opt_state=None, forward_count=0):
         model = GPT(cfg, ctx.group(t) if t > 1 else None).double()
         model.load_full_state_dict(sd or random_full_state_dict(model, 4))
         model.forward_count = forward_count
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        if opt_sd is not None:  # reshard the unsharded optimizer state onto this model
-            names = [n for n, _ in model.named_parameters()]
-            state = {i: {k: (model.local_tensor(names[i], v) if v.dim() else v.clone()) for k, v in s.items()}
-                     for i, s in opt_sd["state"].items()}
-            opt.load_state_dict({"state": state, "param_groups": opt_sd["param_groups"]})
+        opt = train.make_optimizer(dict(model.named_parameters()), options)
+        if opt_state is not None:  # reshard the unsharded optimizer state onto this model
+            train.load_optimizer_state(model, dict(model.named_parameters()), opt, opt_state)
         return model, opt
 
     model, opt = start(2)
     step(model, opt)
-    names = [n for n, _ in model.named_parameters()]
-    opt_full = opt.state_dict()
-    opt_full["state"] = {i: {k: (model.full_tensor(names[i], v) if v.dim() else v.clone()) for k, v in s.items()}
-                         for i, s in opt_full["state"].items()}
+    opt_full = train.optimizer_state(model, dict(model.named_parameters()), opt)
     sd = model.full_state_dict()
     step(model, opt)
     expected = model.full_state_dict()
@@ -641,6 +649,8 @@ def test_errors_under_a_group(world):
     (dict(recompute=None), ["recompute=None"]),
     (dict(dropout=1.0), ["dropout=1.0", "[0, 1)"]),
     (dict(n_layer=0), ["n_layer=0"]),
+    (dict(attention="flash"), ["attention='flash'", "'sdpa'"]),
+    (dict(attention="sdpa", dropout=0.1), ["attention='sdpa'", "dropout=0.1", "attention='explicit'"]),
 ])
 def test_config_errors(kwargs, words):
     with pytest.raises(ValueError) as info:
@@ -668,7 +678,8 @@ def test_state_dict_errors():
 def task_bad_ids(ctx, t):
     """Token ids and targets outside the vocabulary are refused, unsharded and sharded alike (the
     embedding would look up zeros and the loss would pick a wrong logit); ignored positions, -1
-    and PyTorch's -100, are the same; a batch whose targets are all ignored has loss 0, not NaN."""
+    and PyTorch's -100, are the same; a batch whose targets are all ignored has loss 0 and every
+    gradient exactly 0, not NaN."""
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, sequence_parallel=t > 1)
     model = GPT(cfg, ctx.group(t) if t > 1 else None).double()
     idx, targets = make_batch(cfg, 2, 4, 0, ignore=False)
@@ -683,8 +694,8 @@ def task_bad_ids(ctx, t):
     losses = [model(idx, targets.index_fill(1, torch.tensor([1]), ignore))[1].item() for ignore in (-1, -100)]
     _, loss = model(idx, torch.full_like(targets, -1))
     loss.backward()
-    grads_finite = all(p.grad.isfinite().all().item() and not p.grad.any().item() for p in model.parameters())
-    return dict(messages=messages, losses=losses, all_ignored=loss.item(), grads_zero=grads_finite)
+    grads_zero = all(not p.grad.any().item() for p in model.parameters())  # (so finite too: NaN is not zero)
+    return dict(messages=messages, losses=losses, all_ignored=loss.item(), grads_zero=grads_zero)
 
 
 @pytest.mark.parametrize("t", [1, 2])
@@ -696,7 +707,7 @@ def test_out_of_range_ids_and_targets_are_refused(world, t):
         assert "target 11" in m["target 11"] and "-100" in m["target 11"], m
         assert "target -2" in m["target -2"], m
         assert r["losses"][0] == r["losses"][1] and math.isfinite(r["losses"][0])
-        assert r["all_ignored"] == 0.0 and r["grads_zero"]
+        assert r["all_ignored"] == 0.0 and r["grads_zero"], "every target ignored: loss 0, every gradient exactly 0"
 
 
 def test_a_bad_state_dict_changes_nothing():
@@ -810,7 +821,7 @@ N_STAT = 1 << 20  # statistics over a million mask elements: 5 standard errors i
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
 def test_keep_rate_is_1_minus_p(p):
     keep = nanosp.dropout_keep_mask((N_STAT,), p, nanosp.dropout_key(3, 4, 1), 12345).double()
-    exact = 1 - nanosp.dropout_threshold(p) / 2**16  # p rounded to a multiple of 2^-16
+    exact = 1 - kernels.dropout_threshold(p) / 2**16  # p rounded to a multiple of 2^-16
     assert abs(exact - (1 - p)) <= 2**-17
     assert abs(keep.mean().item() - exact) < 5 * (exact * (1 - exact) / N_STAT) ** 0.5
     # and the scale makes dropout unbiased: the mean of dropout(ones) is 1
@@ -855,17 +866,45 @@ def test_activation_bytes_match_table_2(world, t):
         assert 1.0 <= row["ratio"] < 1.03, row
 
 
-def test_training_flops_are_counted_exactly():
+@pytest.mark.parametrize("attention", nanosp.ATTENTIONS)
+def test_training_flops_are_counted_exactly(attention):
     B, L, s, h, V = 2, 2, 32, 64, 64
     counted = {}
     for mode in nanosp.RECOMPUTE_MODES:
-        cfg = GPTConfig(vocab_size=V, block_size=s, n_layer=L, n_head=4, n_embd=h, recompute=mode)
+        cfg = GPTConfig(vocab_size=V, block_size=s, n_layer=L, n_head=4, n_embd=h, recompute=mode, attention=attention)
         counted[mode] = ledgers.count_training_flops(cfg, B)
-        assert counted[mode] == ledgers.exact_training_flops(B, L, s, h, V, mode)
-    assert counted["none"] == ledgers.paper_training_flops(B, L, s, h, V, "none")
-    assert counted["full"] == round(ledgers.paper_training_flops(B, L, s, h, V, "full"))
+        assert counted[mode] == ledgers.exact_training_flops(B, L, s, h, V, mode, attention)
+    # the fused kernel's backward computes QK^T again: 2Bs^2h per layer more than the written-out one
+    fused = 2 * B * s**2 * h * L if attention == "sdpa" else 0
+    assert counted["none"] - fused == ledgers.paper_training_flops(B, L, s, h, V, "none")
+    assert counted["full"] - fused == round(ledgers.paper_training_flops(B, L, s, h, V, "full"))
     # selective recompute reruns the forward of QK^T and .V: 4Bs^2h per layer
     assert counted["selective"] - counted["none"] == 4 * B * s**2 * h * L
+
+
+def test_layer_flops_count_what_is_computed_twice():
+    """One layer, counted: what it computes twice (counted forward + backward minus 3x its forward)
+    is 0 written out, 2Bs^2h/t fused (QK^T in SDPA's backward), +4Bs^2h/t selective, the forward full."""
+    B, s, h = 2, 32, 64
+    for attention in nanosp.ATTENTIONS:
+        for mode in nanosp.RECOMPUTE_MODES:
+            cfg = GPTConfig(vocab_size=16, block_size=s, n_layer=1, n_head=4, n_embd=h, recompute=mode,
+                            attention=attention)
+            forward, total = ledgers.count_layer_flops(cfg, batch=B)
+            assert forward == ledgers.layer_forward_flops(B, s, h)
+            assert total - 3 * forward == ledgers.recompute_flops(B, s, h, mode, attention), (attention, mode)
+
+
+@st.composite
+def layer_shapes(draw, t):
+    n_layer = draw(st.integers(1, 3))
+    n_head = t * draw(st.integers(1, 2))
+    sp, attention = draw(st.booleans()), draw(st.sampled_from(nanosp.ATTENTIONS))
+    return dict(cfg=dict(vocab_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 8])),
+                         block_size=t * draw(st.integers(1, 6)) if sp else draw(st.integers(1, 12)), sequence_parallel=sp,
+                         attention=attention, dropout=0.0 if attention == "sdpa" else draw(st.sampled_from([0.0, 0.1])),
+                         recompute=draw(st.lists(st.sampled_from(nanosp.RECOMPUTE_MODES), min_size=n_layer, max_size=n_layer))),
+                batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(["bfloat16", "float32", "float64"])))
 
 
 def task_layer_bytes(ctx, t, cases):
@@ -878,21 +917,9 @@ def task_layer_bytes(ctx, t, cases):
                                                        dtype, paper_bytes=False, n_layer=cfg.n_layer)
         expected = sum(ledgers.layer_activation_bytes(cfg.block_size, case["batch"], cfg.n_embd, cfg.n_head, t,
                                                       cfg.sequence_parallel, cfg.recompute_of(i), cfg.dropout > 0,
-                                                      dtype.itemsize) for i in range(cfg.n_layer))
+                                                      dtype.itemsize, cfg.attention) for i in range(cfg.n_layer))
         results.append((measured, expected))
     return results
-
-
-@st.composite
-def layer_shapes(draw, t):
-    n_layer = draw(st.integers(1, 3))
-    n_head = t * draw(st.integers(1, 2))
-    sp = draw(st.booleans())
-    return dict(cfg=dict(vocab_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 8])),
-                         block_size=t * draw(st.integers(1, 6)) if sp else draw(st.integers(1, 12)), sequence_parallel=sp,
-                         dropout=draw(st.sampled_from([0.0, 0.1])),
-                         recompute=draw(st.lists(st.sampled_from(nanosp.RECOMPUTE_MODES), min_size=n_layer, max_size=n_layer))),
-                batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from(["bfloat16", "float32", "float64"])))
 
 
 @settings(max_examples=5)
@@ -916,10 +943,11 @@ def brute_force_plan(costs, n_layer, budget):
 @settings(max_examples=200)
 @given(n_layer=st.integers(1, 5), t=st.sampled_from([1, 2, 4, 8]), sp=st.booleans(), dropout=st.sampled_from([0.0, 0.1]),
        B=st.integers(1, 4), T=st.sampled_from([8, 64, 512, 2048]), h_per_head=st.sampled_from([8, 64, 128]),
-       dtype=st.sampled_from([torch.bfloat16, torch.float32]), fraction=st.floats(0, 1.2))
-def test_planner_equals_brute_force(n_layer, t, sp, dropout, B, T, h_per_head, dtype, fraction):
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]), fraction=st.floats(0, 1.2),
+       attention=st.sampled_from(nanosp.ATTENTIONS))
+def test_planner_equals_brute_force(n_layer, t, sp, dropout, B, T, h_per_head, dtype, fraction, attention):
     cfg = GPTConfig(vocab_size=64, block_size=T, n_layer=n_layer, n_head=2 * t, n_embd=2 * t * h_per_head,
-                    sequence_parallel=sp, dropout=dropout)
+                    sequence_parallel=sp, dropout=0.0 if attention == "sdpa" else dropout, attention=attention)
     costs = ledgers.recompute_costs(cfg, t, B, T, dtype)
     most = n_layer * costs["none"][0]
     budget = int(fraction * most)
@@ -931,6 +959,22 @@ def test_planner_equals_brute_force(n_layer, t, sp, dropout, B, T, h_per_head, d
     plan = ledgers.plan_recompute(cfg, t, B, T, dtype, budget)
     assert (plan.recompute_flops, plan.activation_bytes) == best
     assert len(plan.modes) == n_layer and plan.activation_bytes == sum(costs[m][0] for m in plan.modes)
+
+
+def test_planner_says_what_selective_saves_under_sdpa():
+    """With the fused kernel, selective recompute has only the log-sum-exp left to save (4 bytes per
+    head and row, against 5as^2b/t written out); the planner's plan says so."""
+    a, h, T, B, t = 8, 512, 2048, 1, 4
+    for attention in nanosp.ATTENTIONS:
+        cfg = GPTConfig(vocab_size=64, block_size=T, n_layer=4, n_head=a, n_embd=h, sequence_parallel=True,
+                        attention=attention)
+        costs = ledgers.recompute_costs(cfg, t, B, T, torch.bfloat16)
+        saved = costs["none"][0] - costs["selective"][0]
+        plan = ledgers.plan_recompute(cfg, t, B, T, torch.bfloat16, 4 * costs["none"][0])
+        if attention == "sdpa":
+            assert saved == 4 * a * T * B // t and f"saves only the kernel's log-sum-exp, {saved:,} of" in plan.note
+        else:
+            assert saved == a * T * T * B // t * 2 and plan.note == ""  # softmax output, bf16, without dropout
 
 
 def task_plan_is_measured_within_budget(ctx, t, fractions):
@@ -981,6 +1025,33 @@ def test_recompute_plans_do_not_change_what_is_learned():
         assert other_losses == losses and all(torch.equal(other_weights[n], weights[n]) for n in weights), plans
 
 
+def saved_bytes(model, idx):
+    """The bytes autograd saves during one training forward of model (parameters included)."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(idx, idx)
+    return sum(saved.values())
+
+
+def test_set_recompute_replans_this_model_alone():
+    """set_recompute gives this model's layers the new plan and changes neither the config the model
+    was built from nor another model built from the same config: the replanned model saves what a
+    model built with that plan saves, the other what it saved before."""
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    replanned, other = GPT(cfg), GPT(cfg)
+    idx = make_batch(cfg, 2, 16, 0)[0]
+    before = saved_bytes(other, idx)
+    replanned.set_recompute(["full", "selective"])
+    assert cfg.recompute == other.cfg.recompute == "none" and replanned.cfg.recompute == ("full", "selective")
+    built = GPT(GPTConfig(**{**cfg.__dict__, "recompute": ("full", "selective")}))
+    assert saved_bytes(replanned, idx) == saved_bytes(built, idx) < saved_bytes(other, idx) == before
+
+
 def task_communication(ctx):
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
     logs = {}
@@ -1006,3 +1077,61 @@ def test_sequence_parallelism_sends_the_same_activation_bytes(world):
     assert [n for *_, n in regather] == [sbh, sbh]
     # LayerNorm weights and biases (2 x 2) and the two row-parallel biases: 6 x h elements
     assert [n for *_, n in params] == [6 * 32 * 2]  # in one all-reduce
+
+
+MESSAGE_CASES = [(2, False), (2, True), (4, False), (4, True)]  # (t, sequence_parallel)
+
+
+def task_every_message_is_logged(ctx, cases):
+    """Every call nanosp makes into torch.distributed, seen by a stand-in for nanosp.dist (and for the
+    two gather/scatter entry points the helpers bind at import), against ledgers.collective_log, over
+    training steps, the gathered logits and their backward, and full_state_dict: the same messages."""
+    sent = []
+
+    def spy(op, call, message):  # message(*args): the bytes of the whole message
+        def wrapper(*args, **kwargs):
+            sent.append((op, message(*args)))
+            return call(*args, **kwargs)
+        return wrapper
+
+    class Dist:  # torch.distributed with every call that is not a query logged (unknown ones without bytes)
+        def __getattr__(self, name):
+            value = getattr(dist, name)
+            queries = ("get_world_size", "get_rank", "is_initialized")
+            if name in queries or not callable(value) or isinstance(value, type):  # ReduceOp is a type
+                return value
+            if name == "all_reduce":
+                return spy("all-reduce", value, lambda x: x.numel() * x.element_size())
+            return spy(name, value, lambda *_: None)
+
+    results = []
+    for t, sp in cases:
+        cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16, dropout=0.1, sequence_parallel=sp,
+                        recompute=("full", "selective"))
+        model = GPT(cfg, ctx.group(t)).double()
+        idx, targets = make_batch(cfg, 2, 8, 5)
+        real = nanosp.dist, nanosp._all_gather_into, nanosp._reduce_scatter_into
+        nanosp.dist = Dist()
+        nanosp._all_gather_into = spy("all-gather", real[1], lambda out, x: out.numel() * out.element_size())
+        nanosp._reduce_scatter_into = spy("reduce-scatter", real[2], lambda out, x: x.numel() * x.element_size())
+        try:
+            with ledgers.collective_log() as log:
+                for _ in range(2):
+                    model(idx, targets)[1].backward()
+                model(idx)[0].sum().backward()
+                model.full_state_dict()
+        finally:
+            nanosp.dist, nanosp._all_gather_into, nanosp._reduce_scatter_into = real
+        results.append((sorted(sent), sorted((op, n) for *_, op, n in log), {operator for _, operator, *_ in log}))
+        sent.clear()
+    return results
+
+
+def test_the_collective_log_sees_every_message_nanosp_sends(world):
+    """The communication ledger is complete: the cross-entropy's max, the gather of the logits and
+    full_tensor's gathers go through the helpers it counts, like every operator's collectives."""
+    for results in world.run(task_every_message_is_logged, cases=MESSAGE_CASES):
+        for (t, sp), (sent, logged, operators) in zip(MESSAGE_CASES, results):
+            missing, extra = Counter(sent) - Counter(logged), Counter(logged) - Counter(sent)
+            assert sent and not missing and not extra, f"t={t} sp={sp}: not logged {missing}; not sent {extra}"
+            assert {"vocab_parallel_cross_entropy", "GatherFromVocabRegion.forward", "GPT.full_tensor"} <= operators

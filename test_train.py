@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checks
 import guards
 import ledgers
 import nanosp
@@ -328,7 +329,7 @@ def adamw_by_hand(text):
     w = {name: p.detach().clone() for name, p in model.named_parameters()}  # seed 0's initial weights
     m = {name: torch.zeros_like(p) for name, p in w.items()}
     v = {name: torch.zeros_like(p) for name, p in w.items()}
-    data, logged = train.load_data(text, None)[0], {}
+    data, logged = checks.read_data(text, None, longest=32)[0], {}
     for step in (1, 2):
         x, y = train.get_batch(data, 8, 32, train.batch_seed(0, step, "train"))
         model.load_full_state_dict(w)
@@ -394,6 +395,26 @@ def test_activation_budget_replans_as_the_batch_length_changes(text, tmp_path):
     assert f"T 32: {got[2]['recompute']}" in printed
 
 
+def test_attention_sdpa_trains_and_resumes_with_the_checkpoints_choice(text, tmp_path):
+    """--attention sdpa learns what the written-out attention does (float32: to round-off); the
+    checkpoint keeps the choice and a resume without --attention continues with it, bit for bit;
+    with --activation-budget the planner says what selective recompute has left to save."""
+    common = [*SMALL, "--data", text, "--steps", 6, "--eval-interval", 3, "--lr", 3e-3]
+    run([*common, "--out-dir", tmp_path / "explicit"])
+    assert "attention=sdpa," in run([*common, "--attention", "sdpa", "--out-dir", tmp_path / "sdpa"]).stdout
+    run([*common, "--attention", "sdpa", "--stop-after", 3, "--out-dir", tmp_path / "cut"])
+    assert load_ckpt(tmp_path / "cut")["config"]["attention"] == "sdpa"
+    assert "attention=sdpa," in run([*common, "--resume", "--out-dir", tmp_path / "cut"]).stdout
+    explicit, sdpa, cut = (read_log(tmp_path / name) for name in ("explicit", "sdpa", "cut"))
+    assert [cut[s]["loss"] for s in range(1, 7)] == [sdpa[s]["loss"] for s in range(1, 7)]
+    assert max(abs(sdpa[s]["loss"] - explicit[s]["loss"]) for s in range(1, 7)) < 1e-4
+    weights = [load_ckpt(tmp_path / name)["model"] for name in ("explicit", "sdpa")]
+    assert 0 < max(rel_err(weights[1][k], w) for k, w in weights[0].items()) < 1e-4  # another kernel ran
+    printed = run([*common, "--attention", "sdpa", "--steps", 1, "--activation-budget", "1MiB",
+                   "--out-dir", tmp_path / "planned"]).stdout
+    assert "T=32: attention='sdpa' keeps no s^2 tensor: selective recompute saves only the kernel's" in printed
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--activation-budget", "1000"], "--activation-budget 1,000: no recompute plan fits"),
     (["--activation-budget", "2GiB", "--recompute", "full"], "--activation-budget chooses what to recompute"),
@@ -415,8 +436,8 @@ def test_kill_and_resume_reproduces_the_run(text, tmp_path):
     run([*common, "--out-dir", straight], nproc=2)
     run([*common, "--out-dir", cut, "--stop-after", 6], nproc=2)
     # a process killed between torch.save and os.replace: its temp file is left behind
-    crash = (f"import os, train; os.replace = lambda *a: os._exit(9); "
-             f"train.write_atomic({str(cut / 'ckpt.pt')!r}, b'junk')")
+    crash = (f"import os, guards; os.replace = lambda *a: os._exit(9); "
+             f"guards.write_atomic({str(cut / 'ckpt.pt')!r}, b'junk')")
     assert subprocess.run([sys.executable, "-c", crash], cwd=HERE, env=ENV).returncode == 9
     assert any(name.startswith(".ckpt-") for name in os.listdir(cut))
     shutil.copytree(cut, other_t)
@@ -518,6 +539,8 @@ BAD_OPTIONS = [  # (options, what the one line must say)
     (["--timeout", -3], "--timeout -3.0"),
     (["--timeout", "inf"], "--timeout inf"),
     (["--dropout", 1], "--dropout 1.0 must be in [0, 1)"),
+    (["--attention", "sdpa", "--dropout", 0.1], "attention='sdpa' takes no dropout (dropout=0.1)"),
+    (["--attention", "flash"], "argument --attention: invalid choice: 'flash'"),
     (["--dropout", -0.1], "--dropout -0.1"),
     (["--weight-decay", -0.1], "--weight-decay -0.1 must be a finite number >= 0"),
     (["--grad-clip", -1], "--grad-clip -1.0 must be a finite number >= 0"),
@@ -625,7 +648,7 @@ def test_bad_file_fails_on_every_rank(trained, text, tmp_path, monkeypatch):
     assert said.startswith(f"train.py: error: checkpoint {out / 'ckpt.pt'} cannot be loaded") and said.count("\n") == 1
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(train.time, "sleep", lambda seconds: None)  # torchrun is not here to stop it
+    monkeypatch.setattr(guards.time, "sleep", lambda seconds: None)  # torchrun is not here to stop it
     assert error_of(argv).startswith(f"train.py: error: rank 1: checkpoint {out / 'ckpt.pt'} cannot be")
 
 
@@ -894,8 +917,7 @@ def test_diverging_run_stops_before_the_bad_step_and_keeps_the_checkpoint(text, 
     assert ckpt["step"] == kept == last - last % 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
     assert strict_json(guards.json_line({"loss": math.nan, "val_loss": -math.inf, "lr": 0.5})) == {
         "loss": None, "val_loss": None, "lr": 0.5}
-    guard = guards.StepGuard(guards.StopSignals(), start=8)
-    guard.signals.restore()
+    guard = guards.StepGuard(guards.StopSignals(), start=8)  # (its handlers are not installed)
     with pytest.raises(guards.Diverged, match="step 9: the weights are not all finite"):
         guard.check_weights({"w": torch.tensor([1.0, math.inf])}, 9)
 
