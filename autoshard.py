@@ -49,12 +49,33 @@ CONSTRAINTS = {"none": "any plan, replicating everything included",
 # 1. trace
 
 def trace(module, inputs):
-    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole."""
+    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole; the ops
+    that only spell another (REWRITES) rewritten to it."""
     try:
-        return torch.export.export(module, inputs, strict=False)
+        ep = torch.export.export(module, inputs, strict=False)
     except Exception as e:  # export names the Python it could not trace: its first line, as one line
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"torch.export could not trace {type(module).__name__}: {first}") from e
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and op_name(node) in REWRITES:
+            node.target, node.args = REWRITES[op_name(node)](*node.args, **node.kwargs)
+            node.kwargs = {}
+    return ep
+
+def _val(node):
+    return node.meta["val"]
+
+aten = torch.ops.aten
+REWRITES = {  # an op: the op it is, and that op's arguments
+    "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-_val(x).shape[dim] // n), dim)),  # parts of ceil(d/n)
+    "type_as": lambda x, other: (aten.to.dtype, (x, _val(other).dtype)),
+    "view_as": lambda x, other: (aten.view.default, (x, list(_val(other).shape))),
+    "reshape_as": lambda x, other: (aten.reshape.default, (x, list(_val(other).shape))),
+    "expand_as": lambda x, other: (aten.expand.default, (x, list(_val(other).shape))),
+    "swapaxes": lambda x, a, b: (aten.transpose.int, (x, a, b)),
+    "swapdims": lambda x, a, b: (aten.transpose.int, (x, a, b)),
+    "mT": lambda x: (aten.transpose.int, (x, -2, -1)),
+}
 
 def source(node):
     """'file.py:12 `code`': the line of the module's source that made an op (in its innermost forward)."""
@@ -245,7 +266,7 @@ def _shape_op(g, node, a):
     elif shape[k := a["dim"] % len(dx)] != sx[k]:  # slice, narrow
         new = _fresh(g, [shape[k]], f"{node.name}.{k}")[0]
         whole, dx[k] = (dx[k], new), new
-    return Law([dx], whole=whole, linear=((x,),), view=True)
+    return Law([dx], whole=whole, linear=((x,),), view=name != "expand")  # expand grows it: moves cost more after
 
 def _split(g, node, a):  # equal parts: the dim becomes (parts, rest), the parts whole; unequal parts: whole
     x, shapes, name = a["self"], [tuple(o.shape) for o in node.meta["val"]], op_name(node)
@@ -258,6 +279,42 @@ def _split(g, node, a):  # equal parts: the dim becomes (parts, rest), the parts
         return Law([dx[:k] + [parts[1:]] + dx[k + 1:]] * len(shapes), whole=(parts[:1],), linear=((x,),), view=True)
     outs = [dx[:k] + _fresh(g, [s[k]], f"{node.name}.{i}") + dx[k + 1:] for i, s in enumerate(shapes)]
     return Law(outs, whole=(dx[k],) + tuple(o[k] for o in outs), linear=((x,),), view=True)
+
+def _repeat(g, node, a):
+    """repeat_interleave: dim k's factors (a) become (a, r), each element r times; repeat: (r, a), the dim r times
+    over (and new dims in front). r is a new index: split, each rank makes its r/t of the copies."""
+    x, r, dx = a["self"], a["repeats"], g.dims(a["self"])
+    if op_name(node) == "repeat":
+        dx = [()] * (len(r) - len(dx)) + dx
+        return Law([[_fresh(g, [n], f"{node.name}.{k}")[0] + d for k, (n, d) in enumerate(zip(r, dx))]],
+                   linear=((x,),))
+    if not isinstance(r, int) or a["dim"] is None:
+        raise ValueError(f"no sharding rule for repeat_interleave by a tensor of counts or over a flattened tensor "
+                         f"({source(node)}): give it an int and a dim")
+    k = a["dim"] % len(dx)
+    return Law([dx[:k] + [dx[k] + _fresh(g, [r], f"{node.name}.{k}")[0]] + dx[k + 1:]], linear=((x,),))
+
+def _einsum(g, node, a):
+    """Its own equation: a letter is an index, unified across operands; one missing from the output is summed.
+    An ellipsis stands for the dims left over, aligned from the right."""
+    xs, (terms, out) = a["tensors"], (a["equation"].replace(" ", "").split("->") + [None])[:2]
+    terms, letters = terms.split(","), {}
+    if out is None:  # implicit output: the letters used once, in alphabetical order
+        out = "..." * ("..." in terms[0]) + "".join(sorted(c for c in set("".join(terms)) if "".join(terms).count(c) == 1
+                                                          and c.isalpha()))
+    ellipsis = max(len(g.shape(x)) - len(term.replace("...", "")) for x, term in zip(xs, terms))
+
+    def spelled(term, n):  # the ellipsis's dims as letters of their own, numbered from the right
+        return term.replace("...", "".join(chr(0x2460 + j) for j in reversed(range(n - len(term) + 3))))
+    for x, term in zip(xs, terms):
+        for c, d, n in zip(spelled(term, len(g.shape(x))), g.dims(x), g.shape(x)):
+            if n > 1 and c in letters:
+                g.idx.unify(letters[c], d, source(node))
+            elif n > 1:
+                letters[c] = d
+    out = spelled(out, ellipsis + len(out) - 3 * ("..." in out))
+    return Law([[letters.get(c, ()) for c in out]], summed=tuple(d for c, d in letters.items() if c not in out),
+               linear=tuple((x,) for x in xs) * (len(set(xs)) == len(xs)), saves=tuple(xs))
 
 def _cat(g, node, a):
     xs, shape, stack = a["tensors"], g.shape(node), op_name(node) == "stack"
@@ -299,6 +356,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "narrow", _shape_op, "x[(a b)] -> y[a, b]: factors regrouped, moved, added", "an uneven view; a sliced dim", "x",
      "-"),
     ("split split_with_sizes unbind", _split, "x[(n m)] -> n tensors y[m]", "n", "x", "-"),
+    ("repeat_interleave repeat", _repeat, "x[a] -> y[(a r)], or y[(r a)]", "-", "x", "-"),
+    ("einsum", _einsum, "its equation's letters", "-", "each operand", "its operands"),
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
 ]
 RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
@@ -1002,7 +1061,7 @@ def _bind(env, outs, result):
 def _local(args, env, device):
     """An op's arguments (or keyword arguments) on this rank: values from env, the device this rank's."""
     args = fx.node.map_arg(args, lambda node: env[node.name])
-    return {k: device if k == "device" else a for k, a in args.items()} if isinstance(args, dict) else args
+    return torch.utils._pytree.tree_map(lambda a: device if isinstance(a, torch.device) else a, args)
 
 def _local_shapes(op, args, placements, g, t):
     """The op and its arguments with the shapes in them this rank's: a view's, an expand's, a split's."""
@@ -1013,6 +1072,11 @@ def _local_shapes(op, args, placements, g, t):
         return torch.ops.aten.reshape.default, [args[0], local(o, placements[0])]
     if op.kind == "expand":
         args[1] = local(o, placements[0])
+    elif op.kind == "repeat":  # each rank its share of the copies
+        args[1] = [n // m for n, m in zip(local(o, placements[0]), [1] * (len(args[1]) - args[0].dim()) + [*args[0].shape])]
+    elif op.kind == "repeat_interleave":
+        k = named_args(op.node)["dim"] % args[0].dim()
+        args[1] = local(o, placements[0])[k] // args[0].shape[k]
     elif op.kind in ("split", "split_with_sizes"):
         k = named_args(op.node)["dim"] % len(g.values[o].shape)
         sizes = [local(v, p)[k] if v else None for v, p in zip(op.outputs, placements)]
