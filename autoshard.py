@@ -210,6 +210,7 @@ def _reduction(linear):  # sum, mean (linear): split along a summed index, the o
 def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias
     name = op_name(node)
     x, w, bias = (a.get(arg) for arg in {"linear": ("input", "weight", "bias"), "addmm": ("mat1", "mat2", "self"),
+                                         "baddbmm": ("batch1", "batch2", "self"),
                                          "matmul": ("self", "other", None)}.get(name, ("self", "mat2", None)))
     dx, dw = g.dims(x), g.dims(w)[::-1] if name == "linear" else g.dims(w)
     if len(dx) < 2:
@@ -343,7 +344,7 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
     ("amax amin var std logsumexp linalg_vector_norm prod", _reduction(False), "x[i, j] -> y[i]", "j", "-", "x, y"),
-    ("linear mm addmm bmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b", "x, W"),
+    ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b", "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
     ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
                                                             saves=("out",)), "x[..., j] -> y[..., j]", "j", "-", "y"),
