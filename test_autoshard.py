@@ -2,8 +2,9 @@
 runs it equal to the unsharded module.
 
 The models are plain torch (a Llama block, a GPT-J parallel block, a stack of four linears, a narrow MLP,
-grouped-query attention written out, a mean over a wide layer), Hugging Face's GPT2Block as transformers ships
-it, and nanosp's own Block. The optimum of each is derived by hand in its test; N is the bytes of the block's
+grouped-query attention written out, a mean over a wide layer, a Mistral block, timm's ViT block, a block of
+chunk, einsum and GEGLU), Hugging Face's GPT2Block and LlamaDecoderLayer as transformers ships them, and
+nanosp's own Block, its attention written out or through SDPA. The optimum of each is derived by hand in its test; N is the bytes of the block's
 activation (B T C at the inputs' element size), and a rank sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an
 all-gather or a reduce-scatter.
 
