@@ -301,8 +301,8 @@ def _einsum(g, node, a):
     xs, (terms, out) = a["tensors"], (a["equation"].replace(" ", "").split("->") + [None])[:2]
     terms, letters = terms.split(","), {}
     if out is None:  # implicit output: the letters used once, in alphabetical order
-        out = "..." * ("..." in terms[0]) + "".join(sorted(c for c in set("".join(terms)) if "".join(terms).count(c) == 1
-                                                          and c.isalpha()))
+        used = "".join(terms)
+        out = "..." * ("..." in used) + "".join(sorted(c for c in set(used) if used.count(c) == 1 and c.isalpha()))
     ellipsis = max(len(g.shape(x)) - len(term.replace("...", "")) for x, term in zip(xs, terms))
 
     def spelled(term, n):  # the ellipsis's dims as letters of their own, numbered from the right
@@ -344,7 +344,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
     ("amax amin var std logsumexp linalg_vector_norm prod", _reduction(False), "x[i, j] -> y[i]", "j", "-", "x, y"),
-    ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b", "x, W"),
+    ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
+     "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
     ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
                                                             saves=("out",)), "x[..., j] -> y[..., j]", "j", "-", "y"),
@@ -1073,11 +1074,10 @@ def _local_shapes(op, args, placements, g, t):
         return torch.ops.aten.reshape.default, [args[0], local(o, placements[0])]
     if op.kind == "expand":
         args[1] = local(o, placements[0])
-    elif op.kind == "repeat":  # each rank its share of the copies
-        args[1] = [n // m for n, m in zip(local(o, placements[0]), [1] * (len(args[1]) - args[0].dim()) + [*args[0].shape])]
-    elif op.kind == "repeat_interleave":
-        k = named_args(op.node)["dim"] % args[0].dim()
-        args[1] = local(o, placements[0])[k] // args[0].shape[k]
+    elif op.kind in ("repeat", "repeat_interleave"):  # each rank its share of the copies: its output over its input
+        out = local(o, placements[0])
+        copies = [n // m for n, m in zip(out, [1] * (len(out) - args[0].dim()) + [*args[0].shape])]
+        args[1] = copies if op.kind == "repeat" else copies[named_args(op.node)["dim"] % args[0].dim()]
     elif op.kind in ("split", "split_with_sizes"):
         k = named_args(op.node)["dim"] % len(g.values[o].shape)
         sizes = [local(v, p)[k] if v else None for v, p in zip(op.outputs, placements)]
