@@ -27,6 +27,7 @@ t ranks with those same operators:
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import math
 import operator
@@ -48,11 +49,33 @@ CONSTRAINTS = {"none": "any plan, replicating everything included",
 # 1. trace
 
 def trace(module, inputs):
-    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole."""
+    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole; the ops
+    that only spell another (REWRITES) rewritten to it."""
     try:
-        return torch.export.export(module, inputs, strict=False)
+        ep = torch.export.export(module, inputs, strict=False)
     except Exception as e:  # export names the Python it could not trace: its first line, as one line
-        raise ValueError(f"torch.export could not trace {type(module).__name__}: {str(e).strip().splitlines()[0]}") from e
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"torch.export could not trace {type(module).__name__}: {first}") from e
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and op_name(node) in REWRITES:
+            node.target, node.args = REWRITES[op_name(node)](*node.args, **node.kwargs)
+            node.kwargs = {}
+    return ep
+
+def _val(node):
+    return node.meta["val"]
+
+aten = torch.ops.aten
+REWRITES = {  # an op: the op it is, and that op's arguments
+    "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-_val(x).shape[dim] // n), dim)),  # parts of ceil(d/n)
+    "type_as": lambda x, other: (aten.to.dtype, (x, _val(other).dtype)),
+    "view_as": lambda x, other: (aten.view.default, (x, list(_val(other).shape))),
+    "reshape_as": lambda x, other: (aten.reshape.default, (x, list(_val(other).shape))),
+    "expand_as": lambda x, other: (aten.expand.default, (x, list(_val(other).shape))),
+    "swapaxes": lambda x, a, b: (aten.transpose.int, (x, a, b)),
+    "swapdims": lambda x, a, b: (aten.transpose.int, (x, a, b)),
+    "mT": lambda x: (aten.transpose.int, (x, -2, -1)),
+}
 
 def source(node):
     """'file.py:12 `code`': the line of the module's source that made an op (in its innermost forward)."""
@@ -150,7 +173,8 @@ def _align(g, node, out, xs, cut=0):
     """Fill and unify out's dims with those of tensors xs (less their last `cut`), aligned from the right as
     broadcasting aligns them; a size-1 dim joins nothing."""
     for x in xs:
-        for k, (n, d) in enumerate(zip(g.shape(x)[:len(g.shape(x)) - cut][::-1], g.dims(x)[:len(g.dims(x)) - cut][::-1]), 1):
+        kept = len(g.shape(x)) - cut
+        for k, (n, d) in enumerate(zip(g.shape(x)[:kept][::-1], g.dims(x)[:kept][::-1]), 1):
             if n > 1 and out[-k]:
                 g.idx.unify(out[-k], d, source(node))
             elif n > 1:
@@ -173,29 +197,31 @@ def _pointwise(saves, linear):
                    saves=tuple(kept), view=True)
     return rule
 
-def _reduction(linear):
-    """sum, mean: linear, and a split along a summed index gives P; the others cannot split it."""
+def _reduction(linear):  # sum, mean (linear): split along a summed index, the output is P; the others: whole
     def rule(g, node, a):
-        dx, gone = g.dims(a["self"]), _gone(a.get("dim"), len(g.shape(a["self"])))
-        out, summed = [() if k in gone else d for k, d in enumerate(dx) if a.get("keepdim") or k not in gone], [dx[k] for k in gone]
-        return Law([out], summed=summed, linear=((a["self"],),)) if linear else Law([out], whole=summed, saves=(a["self"], "out"))
+        x = a["self"]
+        dx, gone = g.dims(x), _gone(a.get("dim"), len(g.shape(x)))
+        out = [() if k in gone else d for k, d in enumerate(dx) if a.get("keepdim") or k not in gone]
+        if linear:
+            return Law([out], summed=[dx[k] for k in gone], linear=((x,),))
+        return Law([out], whole=[dx[k] for k in gone], saves=(x, "out"))
     return rule
 
-def _contraction(g, node, a):
-    """linear, mm, addmm, bmm, matmul: x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias."""
+def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias
     name = op_name(node)
-    x, w = {"linear": ("input", "weight"), "addmm": ("mat1", "mat2"), "matmul": ("self", "other")}.get(name, ("self", "mat2"))
-    x, w, bias = a[x], a[w], a["bias"] if name == "linear" else a["self"] if name == "addmm" else None
+    x, w, bias = (a.get(arg) for arg in {"linear": ("input", "weight", "bias"), "addmm": ("mat1", "mat2", "self"),
+                                         "baddbmm": ("batch1", "batch2", "self"),
+                                         "matmul": ("self", "other", None)}.get(name, ("self", "mat2", None)))
     dx, dw = g.dims(x), g.dims(w)[::-1] if name == "linear" else g.dims(w)
     if len(dx) < 2:
         raise ValueError(f"no sharding rule for {name} of a 1-D input ({source(node)})")
-    g.idx.unify(dx[-1], dw[-2] if len(dw) > 1 else dw[0], source(node))
-    out = _align(g, node, [()] * (len(g.shape(node)) - 1 - (len(dw) > 1)), [x, w], cut=2) + [dx[-2]] + dw[-1:] * (len(dw) > 1)
+    matrix = len(dw) > 1  # else W is a vector, and y[.., m]
+    g.idx.unify(dx[-1], dw[-2] if matrix else dw[0], source(node))
+    out = _align(g, node, [()] * (len(g.shape(node)) - 1 - matrix), [x, w], cut=2) + [dx[-2]] + dw[-1:] * matrix
     _align(g, node, out, [bias] if bias is not None else [])
     return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
 def _norm(g, node, a):
-    """layer_norm, rms_norm: the normalised dims whole; keeps x and each row's statistics."""
     x, k = a["input"], len(a["normalized_shape"])
     dx = g.dims(x)
     _align(g, node, dx[-k:], [p for p in (a.get("weight"), a.get("bias")) if p is not None])
@@ -218,25 +244,20 @@ def _attention(g, node, a):
                new=(batch + [dq[-3], dq[-2]],))
 
 def _shape_op(g, node, a):
-    """view, reshape, flatten: factors regrouped (an uneven regrouping cannot split what it touches); permute,
-    transpose, unsqueeze, squeeze, expand: dims moved or added; slice, select: part of a dim taken, whole."""
+    """view, reshape, flatten, squeeze, unsqueeze: factors regrouped (an uneven regrouping cannot split what it
+    touches); permute, transpose, expand: dims moved or added; slice, select: part of a dim taken, whole."""
     name, x = op_name(node), a["self"]
     dx, sx, shape, whole = list(g.dims(x)), g.shape(x), g.shape(node), ()
-    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
+    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze"):
         out = g.idx.regroup(dx, shape)
         if out is None:
             out = _fresh(g, shape, node.name)
             return Law([out], whole=tuple(dx + out), view=True)
         dx = out
-    elif name in ("permute", "numpy_T"):
+    elif name in ("permute", "numpy_T", "t"):  # t, numpy_T: the dims reversed
         dx = [dx[d] for d in a.get("dims", range(len(dx))[::-1])]
-    elif name in ("transpose", "t"):
-        i, j = (a["dim0"], a["dim1"]) if name == "transpose" else (0, -1)
-        dx[i], dx[j] = dx[j], dx[i]
-    elif name == "unsqueeze":
-        dx.insert(a["dim"] % (len(dx) + 1), ())
-    elif name == "squeeze":
-        dx = [d for k, d in enumerate(dx) if not (k in _gone(a.get("dim"), len(sx)) and sx[k] == 1)]
+    elif name == "transpose":
+        dx[a["dim0"]], dx[a["dim1"]] = dx[a["dim1"]], dx[a["dim0"]]
     elif name == "expand":  # a size-1 dim grown to n is a new index
         sx, dx = (1,) * (len(shape) - len(sx)) + sx, [()] * (len(shape) - len(dx)) + dx
         dx = [d if m == n else _fresh(g, [n], f"{node.name}.{k}")[0] for k, (d, m, n) in enumerate(zip(dx, sx, shape))]
@@ -246,11 +267,10 @@ def _shape_op(g, node, a):
     elif shape[k := a["dim"] % len(dx)] != sx[k]:  # slice, narrow
         new = _fresh(g, [shape[k]], f"{node.name}.{k}")[0]
         whole, dx[k] = (dx[k], new), new
-    return Law([dx], whole=whole, linear=((x,),), view=True)
+    return Law([dx], whole=whole, linear=((x,),), view=name != "expand")  # expand grows it: moves cost more after
 
-def _split(g, node, a):
-    """split, unbind: equal parts of a dim that becomes (parts, rest), the parts whole; unequal parts whole."""
-    x, shapes, name = a["self"], g.shapes(node), op_name(node)
+def _split(g, node, a):  # equal parts: the dim becomes (parts, rest), the parts whole; unequal parts: whole
+    x, shapes, name = a["self"], [tuple(o.shape) for o in node.meta["val"]], op_name(node)
     dx, k = g.dims(x), a.get("dim", 0) % len(g.shape(x))
     if name == "unbind":
         return Law([dx[:k] + dx[k + 1:]] * len(shapes), whole=(dx[k],), linear=((x,),), view=True)
@@ -261,8 +281,43 @@ def _split(g, node, a):
     outs = [dx[:k] + _fresh(g, [s[k]], f"{node.name}.{i}") + dx[k + 1:] for i, s in enumerate(shapes)]
     return Law(outs, whole=(dx[k],) + tuple(o[k] for o in outs), linear=((x,),), view=True)
 
+def _repeat(g, node, a):
+    """repeat_interleave: dim k's factors (a) become (a, r), each element r times; repeat: (r, a), the dim r times
+    over (and new dims in front). r is a new index: split, each rank makes its r/t of the copies."""
+    x, r, dx = a["self"], a["repeats"], g.dims(a["self"])
+    if op_name(node) == "repeat":
+        dx = [()] * (len(r) - len(dx)) + dx
+        return Law([[_fresh(g, [n], f"{node.name}.{k}")[0] + d for k, (n, d) in enumerate(zip(r, dx))]],
+                   linear=((x,),))
+    if not isinstance(r, int) or a["dim"] is None:
+        raise ValueError(f"no sharding rule for repeat_interleave by a tensor of counts or over a flattened tensor "
+                         f"({source(node)}): give it an int and a dim")
+    k = a["dim"] % len(dx)
+    return Law([dx[:k] + [dx[k] + _fresh(g, [r], f"{node.name}.{k}")[0]] + dx[k + 1:]], linear=((x,),))
+
+def _einsum(g, node, a):
+    """Its own equation: a letter is an index, unified across operands; one missing from the output is summed.
+    An ellipsis stands for the dims left over, aligned from the right."""
+    xs, (terms, out) = a["tensors"], (a["equation"].replace(" ", "").split("->") + [None])[:2]
+    terms, letters = terms.split(","), {}
+    if out is None:  # implicit output: the letters used once, in alphabetical order
+        used = "".join(terms)
+        out = "..." * ("..." in used) + "".join(sorted(c for c in set(used) if used.count(c) == 1 and c.isalpha()))
+    ellipsis = max(len(g.shape(x)) - len(term.replace("...", "")) for x, term in zip(xs, terms))
+
+    def spelled(term, n):  # the ellipsis's dims as letters of their own, numbered from the right
+        return term.replace("...", "".join(chr(0x2460 + j) for j in reversed(range(n - len(term) + 3))))
+    for x, term in zip(xs, terms):
+        for c, d, n in zip(spelled(term, len(g.shape(x))), g.dims(x), g.shape(x)):
+            if n > 1 and c in letters:
+                g.idx.unify(letters[c], d, source(node))
+            elif n > 1:
+                letters[c] = d
+    out = spelled(out, ellipsis + len(out) - 3 * ("..." in out))
+    return Law([[letters.get(c, ()) for c in out]], summed=tuple(d for c, d in letters.items() if c not in out),
+               linear=tuple((x,) for x in xs) * (len(set(xs)) == len(xs)), saves=tuple(xs))
+
 def _cat(g, node, a):
-    """cat, stack: the other dims shared; the joined (or new) dim whole."""
     xs, shape, stack = a["tensors"], g.shape(node), op_name(node) == "stack"
     k, out = a["dim"] % len(shape), [()] * len(shape)
     for x in xs:
@@ -289,38 +344,27 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
     ("amax amin var std logsumexp linalg_vector_norm prod", _reduction(False), "x[i, j] -> y[i]", "j", "-", "x, y"),
-    ("linear mm addmm bmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b", "x, W"),
+    ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
+     "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
     ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
                                                             saves=("out",)), "x[..., j] -> y[..., j]", "j", "-", "y"),
     ("scaled_dot_product_attention", _attention, "q[.., h, s, d] k[.., h, s', d] v[.., h, s', e] -> y[.., h, s, e]",
      "s, s', d, e", "-", "q, k, v, y; logsumexp"),
     ("embedding", lambda g, node, a: Law([g.dims(a["indices"]) + [g.dims(a["weight"])[1]]], saves=(a["indices"],),
-                                         whole=(g.dims(a["weight"])[0],)), "W[v, c] i[...] -> y[..., c]", "v", "-", "i"),
-    ("view reshape _unsafe_view flatten unflatten permute transpose t numpy_T unsqueeze squeeze expand slice select narrow",
-     _shape_op, "x[(a b)] -> y[a, b]: factors regrouped, moved, added", "an uneven view; a sliced dim", "x", "-"),
+                                         whole=(g.dims(a["weight"])[0],)),
+     "W[v, c] i[...] -> y[..., c]", "v", "-", "i"),
+    ("view reshape _unsafe_view flatten unflatten permute transpose t numpy_T unsqueeze squeeze expand slice select "
+     "narrow", _shape_op, "x[(a b)] -> y[a, b]: factors regrouped, moved, added", "an uneven view; a sliced dim", "x",
+     "-"),
     ("split split_with_sizes unbind", _split, "x[(n m)] -> n tensors y[m]", "n", "x", "-"),
+    ("repeat_interleave repeat", _repeat, "x[a] -> y[(a r)], or y[(r a)]", "-", "x", "-"),
+    ("einsum", _einsum, "its equation's letters", "-", "each operand", "its operands"),
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
 ]
 RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
 MAKERS = set("arange ones zeros full empty scalar_tensor zeros_like ones_like full_like empty_like new_ones new_zeros "
              "new_full new_empty tensor".split())  # made whole on each rank: no rule needed
-
-def print_rules():
-    print("An op split along index i reads each input that holds i split, S(i), and the others whole, R; its output is "
-          "S(i), or P (partial sums) if it summed over i. An op linear in inputs may read them as P and give P, so "
-          "branches that add up are reduced once. Ops on constants alone (masks, rotary tables) run whole on every "
-          "rank and need no rule.\n")
-    table(["ATen ops", "indices", "cannot split", "linear in (P in, P out)", "keeps for backward"],
-          [(", ".join(names.split()[:6]) + " ..." * (len(names.split()) > 6), *text) for names, _, *text in RULES])
-    print("\nMoves: what serves a tensor placed `from` to a reader of it placed `to`; N its whole bytes.\n")
-    table(["move", "from -> to", "forward", "backward", "ring bytes per rank", "in nanosp.py"],
-          [(name, fromto, " + ".join(fwd) or "-", " + ".join(bwd) or "-", f"{sum(RING[o] for o in fwd + bwd)} (t-1)/t N",
-            helper) for name, (fwd, bwd, fromto, helper) in MOVES.items()])
-
-def table(headers, rows):
-    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers) + "".join(
-        "\n| " + " | ".join(str(x) for x in row) + " |" for row in rows))
 
 # ----------------------------------------------------------------------------------------------
 # the traced graph, every dimension named
@@ -347,7 +391,6 @@ class Op(NamedTuple):
     inputs: tuple           # the values it reads, constants aside, each once
     outputs: tuple          # the values it makes (None where unused)
     law: Law                # after tracing: value names, and sets of indices
-    where: str              # its source line
 
 class Graph:
     """A module traced to ATen ops, every dimension of every tensor named, every op read by its rule. Nothing is
@@ -358,7 +401,8 @@ class Graph:
         for i, x in enumerate(inputs):
             if not torch.is_tensor(x):
                 raise ValueError(f"example input {i} is a {type(x).__name__}: discover takes tensors")
-        self.names, self.module, self.shapes_in = _dim_names(inputs, dims), type(module).__name__, [x.shape for x in inputs]
+        self.module, self.names = type(module).__name__, _dim_names(inputs, dims)
+        self.shapes_in = [x.shape for x in inputs]
         self.element_size = next((x.element_size() for x in inputs if x.is_floating_point()), 4)
         self.ep = trace(module, inputs)
         self.idx, self.values, self.ops, self.constants, self.inputs, self.memo = Indices(), {}, [], [], [], {}
@@ -380,31 +424,29 @@ class Graph:
         self._freeze()
         self.sequence = x.dims[self.names[0].index("T")] if "T" in self.names[0] else ()
 
-    def dims(self, node):
-        v = self.values[node.name]
-        if v.dims is None:  # a leaf, named at its first use
+    def dims(self, x):
+        """The dims of node (or Value) x; a leaf is named at its first use."""
+        v = self.values[x.name]
+        if v.dims is None:
             v.dims = _fresh(self, v.shape, v.target or v.name)
         return v.dims
 
     def shape(self, node):
         return tuple(node.meta["val"].shape)
 
-    def shapes(self, node):
-        return [tuple(o.shape) for o in node.meta["val"]]
-
     def _leaf(self, node, spec):
         val, i = node.meta["val"], len(self.inputs)
         kind = {"USER_INPUT": "input", "PARAMETER": "parameter"}.get(spec.kind.name, "constant")
-        target = f"input {i}" if kind == "input" else spec.target
-        grad = val.is_floating_point() and (kind == "input" or kind == "parameter" and self.ep.state_dict[target].requires_grad)
-        v = self.values[node.name] = Value(node.name, tuple(val.shape), kind, target, grad, val.is_floating_point())
+        target, floating = f"input {i}" if kind == "input" else spec.target, val.is_floating_point()
+        grad = floating and (kind == "input" or kind == "parameter" and self.ep.state_dict[target].requires_grad)
+        v = self.values[node.name] = Value(node.name, tuple(val.shape), kind, target, grad, floating)
         if kind == "input":
             self.inputs.append(node.name)
+            v.dims = []
             for name, n in zip(self.names[i], v.shape):
                 if self.idx.size.get(name, n) != n:
                     raise ValueError(f"dims names {name} for sizes {self.idx.size[name]} and {n} ({target})")
-            v.dims = [(name if name in self.idx.size else self.idx.new(name, n),) if n > 1 else ()
-                      for name, n in zip(self.names[i], v.shape)]
+                v.dims.append((name if name in self.idx.size else self.idx.new(name, n),) if n > 1 else ())
 
     def _op(self, node):
         val, name, ins = node.meta["val"], op_name(node), _nodes((node.args, node.kwargs))
@@ -431,24 +473,24 @@ class Graph:
             if o:
                 self.values[o].dims = d
         seen = tuple(dict.fromkeys(x.name for x in ins if self.values[x.name].kind != "constant"))
-        self.ops.append(Op(node.name, node, name, seen, outs, law, source(node)))
+        self.ops.append(Op(node.name, node, name, seen, outs, law))
 
     def _freeze(self):
         """Every dim in its finest factors; the laws in value names and index sets; what is live when."""
         E = self.idx.expand
         for v in self.values.values():
-            v.dims = [E(d) for d in (v.dims if v.dims is not None else _fresh(self, v.shape, v.target or v.name))]
+            v.dims = [E(d) for d in self.dims(v)]
 
         def names(xs):
-            return frozenset("out" if x == "out" else x.name for x in xs if x is not None)
+            return frozenset(getattr(x, "name", x) for x in xs if x is not None)
 
         def indices(dims):
             return frozenset(f for d in dims for f in E(d))
 
         self.ops = [op._replace(law=op.law._replace(
-            whole=indices(op.law.whole), summed=indices(op.law.summed), affine=names(op.law.affine), saves=names(op.law.saves),
-            linear=tuple(names(gr) for gr in op.law.linear if gr), new=tuple([E(d) for d in ds] for ds in op.law.new)))
-            for op in self.ops]
+            whole=indices(op.law.whole), summed=indices(op.law.summed), affine=names(op.law.affine),
+            saves=names(op.law.saves), linear=tuple(names(gr) for gr in op.law.linear if gr),
+            new=tuple([E(d) for d in ds] for ds in op.law.new))) for op in self.ops]
         self.last_read, born = {}, {self.inputs[0]: 0}
         for k, op in enumerate(self.ops):
             for v in op.inputs:
@@ -542,31 +584,28 @@ def units(moves):
 def recipe(p, reads, via=None):
     """The moves that serve each read of a tensor placed p: {read: chain of moves}. Readers share what they can:
     every reader that sends back a partial gradient reads through one f (or one g), so branches reading one
-    tensor reduce its gradient once. A partial sum read whole and kept (under "activations") goes through
-    S(via): ḡ, then g and a re-gather, as sequence parallelism moves it."""
+    tensor reduce its gradient once; a lone split reader of a whole tensor takes a split instead (its gradient
+    all-gathered: half an all-reduce's bytes). A partial sum read whole and kept (under "activations") goes
+    through S(via): ḡ, then g and a re-gather, as sequence parallelism moves it."""
     chains = {rd: () for rd in reads if rd.placement == p and rd.grad == grad_placement(p)}
     rest = sorted(rd for rd in reads if rd not in chains)
     if p == P and via and any(rd.saved and rd.placement == R for rd in rest):
         return chains | {rd: (Move("ḡ", via),) + chain for rd, chain in recipe(S(via), rest).items()}
     if p == P and len({rd.placement for rd in rest}) == 1 and rest[0].placement.kind == "S":
         return chains | {rd: (Move("ḡ", rd.placement.index),) for rd in rest}
-    if p.kind != "S":
-        return chains | _from_whole(rest, (Move("f̄"),) if p == P and rest else ())
-    for rd in rest:  # gathered: partial gradients summed and reduce-scattered by one g, whole ones by a gather
-        then = (Move("partial"),) if rd.placement == P else (Move("slice", rd.placement.index),) * (rd.placement.kind == "S")
-        chains[rd] = ((Move("gather" if rd.grad == R else "g", p.index),) + then
-                      + (Move("regather", p.index),) * (rd.saved and rd.placement == R))
-    return chains
-
-def _from_whole(rest, prefix):
-    """Reads of a whole tensor: those sending back a partial gradient share one f, unless a lone split reader is
-    all there is (then a split: its gradient all-gathered, half an all-reduce's bytes)."""
-    chains = {rd: prefix + (Move("partial"),) * (rd.placement == P) for rd in rest if rd.grad == R}
+    if p.kind == "S":  # gathered: partial gradients summed and reduce-scattered by one g, whole ones by a gather
+        return chains | {rd: (Move("gather" if rd.grad == R else "g", p.index),) + _narrow(rd)
+                         + (Move("regather", p.index),) * (rd.saved and rd.placement == R) for rd in rest}
+    prefix = (Move("f̄"),) if p == P and rest else ()  # whole from here on
+    chains |= {rd: prefix + _narrow(rd) for rd in rest if rd.grad == R}
     needing = [rd for rd in rest if rd not in chains]
     if len({rd.placement for rd in needing}) == 1 and needing[0].placement.kind == "S":
         return chains | {rd: prefix + (Move("split", rd.placement.index),) for rd in needing}
-    return chains | {rd: prefix + (Move("f"),) + (Move("slice", rd.placement.index),) * (rd.placement.kind == "S")
-                     for rd in needing}
+    return chains | {rd: prefix + (Move("f"),) + _narrow(rd) for rd in needing}
+
+def _narrow(rd):
+    """From a whole tensor to what rd reads of it: rank 0's as partial sums, this rank's slice, or all of it."""
+    return {"P": (Move("partial"),), "S": (Move("slice", rd.placement.index),)}.get(rd.placement.kind, ())
 
 def via(g, v, t):
     """The index a partial sum v is reduce-scattered along before it is gathered again: T if it can."""
@@ -588,8 +627,7 @@ class Choice(NamedTuple):
     partial: Optional[int] = None
 
 class Stepped(NamedTuple):
-    entries: tuple          # each input's (placement, reads so far) after the op; None after its last read
-    outputs: tuple          # each output's placement
+    after: dict             # each input's and output's (placement, reads so far) after it; None: its last read
     done: tuple             # (value, placement, reads) of each value read for the last time
     units: int              # their moves' ring bytes, in units of (t-1)/t
     kept: tuple             # ((value, placement), bytes on one rank) of what the op keeps for backward
@@ -638,9 +676,9 @@ def step(g, t, constraint, k, choice, entries):
     read); None if that breaks the constraint."""
     op, law = g.ops[k], g.ops[k].law
     partial_out = choice.partial is not None or choice.index in law.summed
-    outs = tuple(o and (S(choice.index) if choice.index in g.values[o].factors else P if partial_out else R)
-                 for o in op.outputs)
-    new, done, kept = [], [], []
+    outs = {o: S(choice.index) if choice.index in g.values[o].factors else P if partial_out else R
+            for o in op.outputs if o}
+    after, done, kept = {}, [], []
 
     def keep(key, shape, p):  # a tensor kept for backward, placed p: its bytes on one rank; False if it breaks
         kept.append((key, math.prod(shape) * g.element_size // (t if p.kind == "S" else 1)))
@@ -649,7 +687,8 @@ def step(g, t, constraint, k, choice, entries):
     for v, entry in zip(op.inputs, entries):
         val, rd = g.values[v], read_of(g, op, choice, v, constraint)
         p, reads = entry or (R if rd.placement == P else rd.placement, frozenset())
-        if constraint != "none" and val.kind == "parameter" and len(val.shape) > 1 and (p.kind != "S" or rd.placement != p):
+        matrix = val.kind == "parameter" and len(val.shape) > 1
+        if constraint != "none" and matrix and (p.kind != "S" or rd.placement != p):
             return None  # a weight matrix is split, and read only as it is split
         if v in law.saves and val.kind != "parameter":
             regathered = rd.saved and rd.placement == R and (p.kind == "S" or p == P and via(g, v, t))
@@ -657,77 +696,76 @@ def step(g, t, constraint, k, choice, entries):
             if not keep((v, q), val.shape, q) and val.floating:
                 return None  # (integer indices excepted: an embedding reads them whole)
         reads |= {rd}
-        new.append(None if g.last_read[v] == k else (p, reads))
+        after[v] = None if g.last_read[v] == k else (p, reads)
         done += [(v, p, reads)] * (g.last_read[v] == k)
-    if "out" in law.saves and not all([keep((o, p), g.values[o].shape, p) for o, p in zip(op.outputs, outs) if o]):
+    if "out" in law.saves and not all([keep((o, p), g.values[o].shape, p) for o, p in outs.items()]):
         return None
     for i, dims in enumerate(law.new):
         if not keep((op.name, i), [g.idx.size[f] for d in dims for f in d],
                     S(choice.index) if any(choice.index in d for d in dims) else R):
             return None
-    return Stepped(tuple(new), outs, tuple(done), units(m for d in done for m in moves_of(g, *d, t)), tuple(kept))
+    after.update((o, (p, frozenset())) for o, p in outs.items())
+    return Stepped(after, tuple(done), units(m for d in done for m in moves_of(g, *d, t)), tuple(kept))
 
-def finish(g, first, v, p, reads):
+def returning(g, first, v, p):
     """An output's last read: the module's output returns to its input's placement (the next block of a stack
     reads it so); any other output is taken as it is (shard's conversions to full are not priced)."""
     back = first if g.aligned and v == g.outputs[0] else p
-    return reads | {Read(back, grad_placement(back))}
+    return Read(back, grad_placement(back))
 
 def search(g, t, constraint, start, stop, states):
     """The dynamic programme over ops start..stop: a state is the (placement, reads) of every live value, and only
     the cheapest way to each state is kept, which is exact, since what happens after depends on nothing else.
-    states: {state: (units, kept bytes, partial reads, path)}."""
+    states: {state: (score, the choices so far)}."""
     for k in range(start, stop):
         op, following = g.ops[k], {}
-        for state, (cost, kept, partials, path) in states.items():
+        for state, (score, path) in states.items():
             live = dict(zip(g.live[k], state))
             for choice in choices(g, k, t, live):
                 key = ("step", t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
                 if key not in g.memo:
                     g.memo[key] = step(g, t, constraint, k, choice, key[-1])
-                if (s := g.memo[key]) is None:
-                    continue
-                changed = dict(zip(op.inputs, s.entries)) | {o: (p, frozenset()) for o, p in zip(op.outputs, s.outputs) if o}
-                after = tuple(changed[v] if v in changed else live[v] for v in g.live[k + 1])
-                score = (cost + s.units, kept + sum(b for _, b in s.kept), partials + (choice.partial is not None))
-                if after not in following or score < following[after][:3]:
-                    following[after] = (*score, (choice, path))
+                if (s := g.memo[key]) is not None:
+                    now, more = live | s.after, (s.units, sum(b for _, b in s.kept), choice.partial is not None)
+                    cheapest(following, tuple(now[v] for v in g.live[k + 1]), plus(score, more), path + (choice,))
         states = following
     return states
 
+def cheapest(states, state, score, path):
+    """Keeps the cheapest way to each state. A score is (ring bytes in units of (t-1)/t, activation bytes kept,
+    reads of partial sums), compared in that order: ties go to less memory, then to fewer partial reads."""
+    if state not in states or score < states[state][0]:
+        states[state] = (score, path)
+
+def plus(score, more):
+    return tuple(a + b for a, b in zip(score, more))
+
 def segments(g):
-    """The ops cut where one value alone is live (between blocks, or sub-blocks): each run, with the first run it
-    repeats and the index map that makes it that one. A stack of identical blocks is solved once."""
-    if "segments" not in g.memo:
-        cuts = sorted({0, len(g.ops)} | {k for k in range(len(g.ops)) if len(g.live[k]) == 1})
-        found, seen = [], {}
-        for a, b in zip(cuts, cuts[1:]):
-            key = tuple((op.kind, g.values[next(o for o in op.outputs if o)].shape) for op in g.ops[a:b])
-            match = next(((a0, m) for a0 in seen.get(key, []) if (m := _same(g, a0, a, b - a)) is not None), None)
-            found.append((a, b, match or (a, {})))
-            seen.setdefault(key, []).extend([a] * (match is None))
-        g.memo["segments"] = found
-    return g.memo["segments"]
+    """The ops cut where one value alone is live (between blocks, or sub-blocks): each run, with the first run of
+    its form and the index map that makes it that one. A stack of identical blocks is solved once."""
+    cuts = sorted({0, len(g.ops)} | {k for k in range(len(g.ops)) if len(g.live[k]) == 1})
+    found, first = [], {}
+    for a, b in zip(cuts, cuts[1:]):
+        form, indices = _form(g, a, b)
+        a0, indices0 = first.setdefault(form, (a, indices))
+        found.append((a, b, (a0, dict(zip(indices0, indices)) if a0 != a else {})))
+    return found
 
-def _same(g, a, b, n):
-    """The index map from ops a..a+n to ops b..b+n if they are the same ops on the same shapes, reading values made
-    at the same places; else None."""
-    fmap, back, made = {}, {}, {o: (k, i) for k, op in enumerate(g.ops) for i, o in enumerate(op.outputs) if o}
-
-    def role(v, start):  # the segment's first value (an input or not), a value it makes, or a leaf
-        k, i = made.get(v, (-1, 0))
-        return ("first",) if v in g.live[start] else (g.values[v].kind, g.values[v].shape, k - start if k >= start else None, i)
-
-    for x, y in zip(g.ops[a:a + n], g.ops[b:b + n]):
-        if x.kind != y.kind or repr(fx.node.map_arg(x.node.args, lambda _: 0)) != repr(fx.node.map_arg(y.node.args, lambda _: 0)):
-            return None
-        for u, w in zip(x.inputs + x.outputs, y.inputs + y.outputs):
-            if (u is None) != (w is None) or u and role(u, a) != role(w, b):
-                return None
-            for f, h in zip(*[[f for d in g.values[z].dims for f in d] if z else [] for z in (u, w)]):
-                if fmap.setdefault(f, h) != h or back.setdefault(h, f) != f:
-                    return None
-    return fmap
+def _form(g, a, b):
+    """Ops a..b without their names: each op's kind and other arguments, each value's role (the run's first value,
+    a value it makes, or a leaf) and its indices numbered in order of appearance; and those indices."""
+    made = {o: (k - a, i) for k in range(a, b) for i, o in enumerate(g.ops[k].outputs) if o}
+    number, form = {}, []
+    for op in g.ops[a:b]:
+        form.append((op.kind, repr(fx.node.map_arg(op.node.args, lambda _: 0))))
+        for v in op.inputs + op.outputs:
+            if v is None:  # an unused output
+                form.append(None)
+                continue
+            val = g.values[v]
+            role = "first" if v in g.live[a] else (val.kind, val.shape, *made.get(v, (None, 0)))
+            form.append((role, tuple(tuple(number.setdefault(f, len(number)) for f in d) for d in val.dims)))
+    return tuple(form), list(number)
 
 def _rename(state, fmap):
     def p(q):
@@ -737,29 +775,22 @@ def _rename(state, fmap):
 def best(g, t, constraint, first):
     """The cheapest choices with input 0 placed `first`, or None: segment by segment, each solved once from each
     placement of its first value, for all its copies."""
-    states = {((first, frozenset()),) * (g.inputs[0] in g.live[0]): (0, 0, 0, None)}
+    states = {((first, frozenset()),) * (g.inputs[0] in g.live[0]): ((0, 0, 0), ())}
     for a, b, (a0, fmap) in segments(g):
         following, back = {}, {h: f for f, h in fmap.items()}
-        for state, (cost, kept, partials, path) in states.items():
+        for state, (score, path) in states.items():
             key = ("segment", t, constraint, a0, _rename(state, back))
             if key not in g.memo:
-                g.memo[key] = search(g, t, constraint, a0, a0 + b - a, {key[-1]: (0, 0, 0, None)})
-            for after, (c, m, pa, sub) in g.memo[key].items():
-                after, score = _rename(after, fmap), (cost + c, kept + m, partials + pa)
-                if after not in following or score < following[after][:3]:
-                    following[after] = (*score, ((sub, fmap), path))
+                g.memo[key] = search(g, t, constraint, a0, a0 + b - a, {key[-1]: ((0, 0, 0), ())})
+            for after, (more, sub) in g.memo[key].items():
+                sub = tuple(c._replace(index=fmap.get(c.index, c.index)) for c in sub)
+                cheapest(following, _rename(after, fmap), plus(score, more), path + sub)
         states = following
-    finals = [(cost + units(m for v, (p, reads) in zip(g.live[-1], state) for m in moves_of(
-        g, v, p, finish(g, first, v, p, reads), t)), kept, partials, path) for state, (cost, kept, partials, path) in states.items()]
-    if not finals:
-        return None
-    path, found = min(finals, key=lambda f: f[:3])[3], []
-    while path:
-        (sub, fmap), path = path
-        while sub:
-            choice, sub = sub
-            found.append(choice._replace(index=fmap.get(choice.index, choice.index)))
-    return found[::-1]
+    finals = {}  # the values live at the end make their moves, the output returning to its input's placement
+    for state, (score, path) in states.items():
+        ends = [moves_of(g, v, p, reads | {returning(g, first, v, p)}, t) for v, (p, reads) in zip(g.live[-1], state)]
+        cheapest(finals, "end", plus(score, (units(m for ms in ends for m in ms), 0, 0)), path)
+    return finals["end"][1] if finals else None
 
 def account(g, t, constraint, first, chosen):
     """The Plan of one choice per op, input 0 placed `first` (None if it breaks the constraint): its moves in graph
@@ -769,17 +800,14 @@ def account(g, t, constraint, first, chosen):
         s = step(g, t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
         if choice not in choices(g, k, t, live) or s is None:
             return None
-        live.update(zip(op.inputs, s.entries))
-        for v, p, reads in s.done + tuple((v, *e) for v, e in zip(op.inputs, s.entries) if e):
-            placed.setdefault(v, p)
         for v, p, reads in s.done:
             moves += moves_of(g, v, p, reads, t)
             reads_of[v] = reads
-        live.update((o, (p, frozenset())) for o, p in zip(op.outputs, s.outputs) if o)
-        placed.update((o, p) for o, p in zip(op.outputs, s.outputs) if o)
+        placed.update({v: p for v, p, _ in s.done} | {v: e[0] for v, e in s.after.items() if e})  # read, or made
+        live.update(s.after)
         kept.update(s.kept)
     for v in g.live[-1]:
-        reads_of[v] = finish(g, first, v, *live[v])
+        reads_of[v] = live[v][1] | {returning(g, first, v, live[v][0])}
         moves += moves_of(g, v, live[v][0], reads_of[v], t)
     params = sum(math.prod(v.shape) * g.element_size // (t if placed.get(v.name, R).kind == "S" else 1)
                  for v in g.values.values() if v.kind == "parameter")
@@ -800,15 +828,15 @@ def discover(module, example_inputs, t, dims=None, constraint="weights"):
         raise ValueError(f"t={t!r} must be an int >= 2: the number of ranks to shard over")
     return solve(Graph(module, example_inputs, dims), t, constraint)
 
-def solve(g, t, constraint):
-    """discover's search, on a traced Graph."""
+def solve(g, t, constraint):  # discover's search, on a traced Graph
     sizes = sorted({n for n in g.idx.size.values() if n > 1})
     if not any(n % t == 0 for n in sizes):
         raise ValueError(f"t={t} divides no dimension of {g.module}'s tensors (their sizes: {sizes})")
     seq = [f for f in g.sequence if g.idx.size[f] % t == 0]
     if constraint == "activations" and not seq:  # input 0 split along its sequence, as the paper's SP splits it
-        raise ValueError("constraint='activations' splits input 0 along its sequence dimension T: " + (
-            f"its size {g.shapes_in[0][g.names[0].index('T')]} is not divisible by t={t}" if g.sequence else "name it T"))
+        size = g.shapes_in[0][g.names[0].index("T")] if g.sequence else None
+        why = f"its size {size} is not divisible by t={t}" if g.sequence else "name it T"
+        raise ValueError(f"constraint='activations' splits input 0 along its sequence dimension T: {why}")
     first = S(seq[0]) if constraint == "activations" else R
     gc.disable()  # the search makes many small tuples, none of them cyclic: the collector would only slow it
     try:
@@ -861,24 +889,26 @@ class Plan:
 
     def __str__(self):
         g, mib = self.graph, lambda b: f"{b / 2**20:,.2f} MiB"
-        made = {o: op.where for op in g.ops for o in op.outputs if o}
-        return "\n".join(
-            [f"{g.module} at t={self.t}, constraint={self.constraint!r}: {self.bytes_sent:,} bytes sent per rank, forward "
-             f"+ backward (ring); per rank {mib(self.param_bytes)} of parameters, {mib(self.activation_bytes)} of "
-             f"activations kept", f"  input 0 {tuple(g.shapes_in[0])}: {self.describe(g.inputs[0])}"
-             + "; the output returns to it" * g.aligned]
-            + [f"  {v.target!r:34} {str(v.shape):14} {self.describe(v.name)}" for v in g.values.values()
-               if v.kind == "parameter"]
-            + [f"  {m.move.name:8} {g.values[m.value].target or m.value:12} {str(g.values[m.value].shape):16} forward "
-               f"{' + '.join(m.ops('forward')) or '-':15} backward {' + '.join(m.ops('backward')) or '-':28} "
-               f"{m.nbytes:>13,} B  {made.get(m.value, '')}" for m in self.moves if m.ops("forward") + m.ops("backward")])
+        made = {o: source(op.node) for op in g.ops for o in op.outputs if o}
+        lines = [f"{g.module} at t={self.t}, constraint={self.constraint!r}: {self.bytes_sent:,} bytes sent per rank, "
+                 f"forward + backward (ring); per rank {mib(self.param_bytes)} of parameters, "
+                 f"{mib(self.activation_bytes)} of activations kept", f"  input 0 {tuple(g.shapes_in[0])}: "
+                 f"{self.describe(g.inputs[0])}" + "; the output returns to it" * g.aligned]
+        lines += [f"  {v.target!r:34} {str(v.shape):14} {self.describe(v.name)}" for v in g.values.values()
+                  if v.kind == "parameter"]
+        for m in self.moves:
+            forward, backward, v = " + ".join(m.ops("forward")), " + ".join(m.ops("backward")), g.values[m.value]
+            if forward or backward:
+                lines.append(f"  {m.move.name:8} {v.target or v.name:12} {str(v.shape):16} forward {forward or '-':15} "
+                             f"backward {backward or '-':28} {m.nbytes:>13,} B  {made.get(v.name, '')}")
+        return "\n".join(lines)
 
 # ----------------------------------------------------------------------------------------------
 # 6. run: the traced graph on this rank's shards
 
 class Moving(torch.autograd.Function):
     """A move nanosp has no operator for, along dim 0: forward and backward each "slice" (this rank's rows),
-    "gather" (all-gather), "sum" (all-reduce), "mask" (rank 0 keeps it, the others zeros) or "-"."""
+    "gather" (all-gather), "mask" (rank 0 keeps it, the others zeros) or "-"."""
 
     @staticmethod
     def forward(ctx, x, forward, backward, group):
@@ -890,9 +920,9 @@ class Moving(torch.autograd.Function):
         return _moving(grad, *ctx.how), None, None, None
 
 def _moving(x, what, group):
-    if what in ("gather", "sum"):
-        return nanosp.all_gather_sequence(x, group) if what == "gather" else nanosp.all_reduce(x.clone(), group)
     t, rank = nanosp.group_size(group), nanosp.group_rank(group)
+    if what == "gather":
+        return nanosp.all_gather_sequence(x, group)
     return {"slice": lambda: x.chunk(t)[rank].contiguous(), "-": lambda: x.view_as(x),
             "mask": lambda: x.clone() if rank == 0 else torch.zeros_like(x)}[what]()
 
@@ -905,35 +935,20 @@ def along(x, dims, index, fn, size):
     y = fn(x.reshape(*x.shape[:d], *sizes, *x.shape[d + 1:]).movedim(d + j, 0)).movedim(0, d + j)
     return y.reshape(*y.shape[:d], math.prod(y.shape[d:d + len(sizes)]), *y.shape[d + len(sizes):]).contiguous()
 
-def apply_move(x, move, dims, size, group):
-    """One move on this rank: nanosp's f, f̄, g, ḡ where they apply, the other moves by Moving or slicing."""
-    if move.name == "regather":  # the gathered tensor itself: _regathering keeps its shard for backward
-        return x
-    t, rank = nanosp.group_size(group), nanosp.group_rank(group)
-    fn = {"f": lambda y: nanosp.f(y, group), "f̄": lambda y: nanosp.f_bar(y, group), "g": lambda y: nanosp.g(y, group),
-          "ḡ": lambda y: nanosp.g_bar(y, group), "gather": lambda y: Moving.apply(y, "gather", "slice", group),
-          "split": lambda y: Moving.apply(y, "slice", "gather", group), "slice": lambda y: y.chunk(t)[rank],
-          "partial": lambda y: Moving.apply(y, "mask", "-", group)}[move.name]
-    return along(x, dims, move.index, fn, size) if move.index else fn(x)
+def regathered(shard, gather):
+    """What ops keep for backward of a gathered tensor instead of it: its shard, gathered again when backward first
+    needs it, once however many ops keep it (as nanosp's LinearWithSequenceGather does)."""
+    shard = shard.detach()
 
-class Regathered:
-    """The shard of a gathered tensor that ops keep for backward instead of the tensor: gathered again when
-    backward first needs it, once however many ops keep it (as nanosp's LinearWithSequenceGather does)."""
-
-    def __init__(self, shard, chain, dims, size, group):
-        self.shard, self.chain, self.dims, self.size, self.group, self.whole = shard.detach(), chain, dims, size, group, None
-
-    def get(self):
-        if self.whole is None:
-            with torch.no_grad():
-                self.whole = self.shard
-                for m in self.chain:
-                    self.whole = apply_move(self.whole, m, self.dims, self.size, self.group)
-        return self.whole
+    @functools.cache
+    def whole():
+        with torch.no_grad():
+            return gather(shard)
+    return whole
 
 def _regathering(kept):
-    """Within an op, a saved tensor that views a gathered one is kept as its Regathered shard and rebuilt in
-    backward by its strides. kept: [(gathered tensor, Regathered)]."""
+    """Within an op, a saved tensor that views a gathered one is kept as its regathered shard and rebuilt in
+    backward by its strides. kept: [(gathered tensor, regathered)]."""
     holders = {x.untyped_storage().data_ptr(): holder for x, holder in kept}
 
     def pack(x):
@@ -941,7 +956,7 @@ def _regathering(kept):
         return x if holder is None else (holder, x.shape, x.stride(), x.storage_offset())
 
     def unpack(packed):
-        return packed if torch.is_tensor(packed) else packed[0].get().as_strided(*packed[1:])
+        return packed if torch.is_tensor(packed) else packed[0]().as_strided(*packed[1:])
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 class Sharded(torch.nn.Module):
@@ -954,123 +969,141 @@ class Sharded(torch.nn.Module):
         g, t = plan.graph, nanosp.group_size(group)
         if t != plan.t:
             raise ValueError(f"the group has {t} ranks; the plan was discovered for t={plan.t}")
-        self.plan, self.group, self.rank = plan, group, nanosp.group_rank(group)
+        self.plan, self.group, self.local = plan, group, torch.nn.ParameterDict()
         full = dict(module.named_parameters()) | dict(module.named_buffers())
-        self.local, self.slot = torch.nn.ParameterList(), {}
         for v in (v for v in g.values.values() if v.kind == "parameter"):
             w, want = full.get(v.target), g.ep.state_dict[v.target]
             if w is None or w.shape != want.shape or w.is_meta or w.dtype != want.dtype:
                 got = "missing" if w is None else "on the meta device" if w.is_meta else f"{tuple(w.shape)} {w.dtype}"
                 raise ValueError(f"{type(module).__name__} does not fit the plan: parameter {v.target} is {got}; the "
                                  f"plan's is {v.shape} {want.dtype}")
-            self.slot[v.name] = len(self.local)
-            self.local.append(torch.nn.Parameter(self._convert(w.detach(), v.name, plan.placements.get(v.name, R), "slice",
-                                                               "-").clone(), requires_grad=w.requires_grad))
-        specs = {s.arg.name: s.target for s in g.ep.graph_signature.input_specs}
-        self.constants = {v: full.get(target, g.ep.constants.get(target)) for v, target in specs.items()
-                          if g.values[v].kind == "constant"}
+            self.local[v.name] = torch.nn.Parameter(self._part(w.detach(), v.name).clone(), w.requires_grad)
+        self.constants = {v.name: full.get(v.target, g.ep.constants.get(v.target)) for v in g.values.values()
+                          if v.kind == "constant" and v.target}  # buffers and tensor constants (not made by ops)
         if any(c.is_meta for c in self.constants.values()):
-            raise ValueError(f"{type(module).__name__}'s tensor constants were traced on the meta device: discover on an "
-                             f"instance with real buffers, or make them buffers")
-        device = next(iter(self.local), torch.empty(0)).device
+            raise ValueError(f"{type(module).__name__}'s tensor constants were traced on the meta device: discover on "
+                             f"an instance with real buffers, or make them buffers")
+        device = next(iter(self.local.values()), torch.empty(0)).device
         for node, outs in g.constants:  # masks, rotary tables: made whole on every rank, once
-            made = node.target(*_local(node.args, self.constants, device), **_local(node.kwargs, self.constants, device))
-            self.constants.update((o, r) for o, r in zip(outs, made if len(outs) > 1 else [made]) if o)
+            args, kwargs = _local(node.args, self.constants, device), _local(node.kwargs, self.constants, device)
+            _bind(self.constants, outs, node.target(*args, **kwargs))
         self.recipes = {v: recipe(plan.placements[v], reads, via(g, v, t)) for v, reads in plan.reads.items()}
 
     def forward(self, *inputs):
-        g, plan, group, t = self.plan.graph, self.plan, self.group, self.plan.t
+        g, plan = self.plan.graph, self.plan
         if [x.shape for x in inputs] != g.shapes_in:
             raise ValueError(f"inputs of shapes {[tuple(x.shape) for x in inputs]}; the plan was discovered for "
                              f"{[tuple(s) for s in g.shapes_in]}")
-        env, device, moved, holders = {v: self.local[i] for v, i in self.slot.items()} | self.constants, inputs[0].device, {}, {}
-        for v, x in zip(g.inputs, inputs):  # the full inputs to this rank's: not priced
-            env[v] = self._convert(x, v, plan.placements.get(v, R), "slice", "gather")
+        env, moved, holders = dict(self.local) | self.constants, {}, {}
+        env.update((v, self._part(x, v)) for v, x in zip(g.inputs, inputs))  # the full inputs to this rank's
         for op in g.ops:
-            choice, local, regather = plan.choices[op.name], {}, []
+            choice, local, kept = plan.choices[op.name], {}, []
             for x in dict.fromkeys(_nodes((op.node.args, op.node.kwargs))):
                 local[x.name], chain = self._read(x.name, read_of(g, op, choice, x.name, plan.constraint), env, moved)
-                if chain and chain[-1].name == "regather":  # keep the shard the gather started from
-                    j = max(i for i, m in enumerate(chain) if m.name in ("g", "gather"))
+                if chain and chain[-1].name == "regather":  # kept as the shard its gather started from
                     if (x.name, chain) not in holders:
-                        holders[x.name, chain] = Regathered(moved[x.name, chain[:j]] if j else env[x.name], chain[j:-1],
-                                                            g.values[x.name].dims, g.idx.size, group)
-                    regather.append((local[x.name], holders[x.name, chain]))
-            target, args = _local_shapes(op, list(_local(op.node.args, local, device)),
-                                         [plan.placements.get(o) for o in op.outputs], g, t)
-            with _regathering(regather) if regather else contextlib.nullcontext():
-                result = target(*args, **_local(op.node.kwargs, local, device))
+                        gather = functools.partial(self._move, v=x.name, move=chain[-2])
+                        holders[x.name, chain] = regathered(moved[x.name, chain[:-2]], gather)
+                    kept.append((local[x.name], holders[x.name, chain]))
+            target, args = _local_shapes(op, list(_local(op.node.args, local, inputs[0].device)),
+                                         [plan.placements.get(o) for o in op.outputs], g, plan.t)
+            with _regathering(kept) if kept else contextlib.nullcontext():
+                result = target(*args, **_local(op.node.kwargs, local, inputs[0].device))
             if op.kind == "mean" and choice.index in op.law.summed:
-                result = result / t  # each rank's mean is over its 1/t of the elements: a part of the mean
-            env.update((o, r) for o, r in zip(op.outputs, result if len(op.outputs) > 1 else [result]) if o)
+                result = result / plan.t  # each rank's mean is over its 1/t of the elements: a part of the mean
+            _bind(env, op.outputs, result)
         outputs = []
         for v in g.outputs:  # to the next block's placement (priced), then to the full outputs (not)
-            back = v and g.values[v].kind != "constant" and (plan.first if g.aligned and v == g.outputs[0] else
-                                                             plan.placements[v])
-            y = self._read(v, Read(back, grad_placement(back)), env, moved)[0] if back else env.get(v)
-            outputs.append(Moving.apply(y, "sum", "-", group) if back == P else
-                           self._convert(y, v, back, "gather", "slice") if back else y)
+            rd = v and g.values[v].kind != "constant" and returning(g, plan.first, v, plan.placements[v])
+            outputs.append(self._full(self._read(v, rd, env, moved)[0], v, rd.placement) if rd else env.get(v))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _read(self, v, rd, env, moved):
-        """Value v as an op reads it (rd): the plan's chain of moves, each shared prefix made once."""
-        g, val = self.plan.graph, self.plan.graph.values[v]
-        if val.kind == "constant":  # whole on every rank: sliced, or rank 0's as a partial sum, for free
-            how = {"S": "slice", "P": "partial"}.get(rd.placement.kind)
-            return (apply_move(env[v], Move(how, rd.placement.index), val.dims, g.idx.size, self.group) if how
-                    else env[v]), ()
-        chain = self.recipes[v][rd]
+        """Value v as an op reads it (rd), and its chain of moves: each prefix of the plan's chain made once. A
+        constant is whole on every rank: sliced, or rank 0's as a partial sum, for free."""
+        chain = _narrow(rd) if self.plan.graph.values[v].kind == "constant" else self.recipes[v][rd]
+        moved.setdefault((v, ()), env[v])
         for n in range(1, len(chain) + 1):
             if (v, chain[:n]) not in moved:
-                before = moved[v, chain[:n - 1]] if n > 1 else env[v]
-                moved[v, chain[:n]] = apply_move(before, chain[n - 1], val.dims, g.idx.size, self.group)
-        return (moved[v, chain] if chain else env[v]), chain
+                moved[v, chain[:n]] = self._move(moved[v, chain[:n - 1]], v, chain[n - 1])
+        return moved[v, chain], chain
 
-    def _convert(self, x, v, p, forward, backward):
-        """A full tensor to this rank's split of it, or back (not priced)."""
-        g = self.plan.graph
-        return x if p.kind != "S" else along(x, g.values[v].dims, p.index,
-                                             lambda y: Moving.apply(y, forward, backward, self.group), g.idx.size)
+    def _move(self, x, v, move):
+        """One move of v on this rank: nanosp's f, f̄, g, ḡ where they apply, the others by Moving or slicing."""
+        if move.name == "regather":  # the gathered tensor itself: _regathering keeps its shard for backward
+            return x
+        group, g = self.group, self.plan.graph
+        t, rank = nanosp.group_size(group), nanosp.group_rank(group)
+        fn = {"f": lambda y: nanosp.f(y, group), "f̄": lambda y: nanosp.f_bar(y, group),
+              "g": lambda y: nanosp.g(y, group), "ḡ": lambda y: nanosp.g_bar(y, group),
+              "gather": lambda y: Moving.apply(y, "gather", "slice", group),
+              "split": lambda y: Moving.apply(y, "slice", "gather", group),
+              "slice": lambda y: y.chunk(t)[rank], "partial": lambda y: Moving.apply(y, "mask", "-", group)}[move.name]
+        return along(x, g.values[v].dims, move.index, fn, g.idx.size) if move.index else fn(x)
+
+    def _part(self, x, v):
+        """A full input or parameter to this rank's part of it (not priced)."""
+        p = self.plan.placements.get(v, R)
+        return self._move(x, v, Move("split", p.index)) if p.kind == "S" else x
+
+    def _full(self, x, v, p):
+        """This rank's part of an output or a gradient, placed p, to the whole of it (not priced)."""
+        return x if p == R else self._move(x, v, Move("f̄") if p == P else Move("gather", p.index))
 
     def full_grads(self):
         """Collective: {the module's parameter name: its unsharded gradient (None if it has none)}, every rank."""
-        g, out = self.plan.graph, {}
-        for v, i in self.slot.items():
-            grad = self.local[i].grad
-            if grad is not None:
-                grad = self._convert(grad.detach(), v, self.plan.placements.get(v, R), "gather", "-").clone()
-            out[g.values[v].target] = grad
-        return out
+        g, placements = self.plan.graph, self.plan.placements
+        return {g.values[v].target: self._full(w.grad.detach(), v, placements.get(v, R)).clone()
+                if w.grad is not None else None for v, w in self.local.items()}
+
+def _bind(env, outs, result):
+    """An op's results into env under its outputs' names (None: unused)."""
+    env.update((o, r) for o, r in zip(outs, result if len(outs) > 1 else [result]) if o)
 
 def _local(args, env, device):
-    """An op's arguments on this rank: values from env, devices this rank's."""
-    if isinstance(args, (list, tuple)):
-        return type(args)(_local(a, env, device) for a in args)
-    if isinstance(args, dict):
-        return {k: device if k == "device" else _local(a, env, device) for k, a in args.items()}
-    return env[args.name] if isinstance(args, fx.Node) else args
+    """An op's arguments (or keyword arguments) on this rank: values from env, the device this rank's."""
+    args = fx.node.map_arg(args, lambda node: env[node.name])
+    return torch.utils._pytree.tree_map(lambda a: device if isinstance(a, torch.device) else a, args)
 
 def _local_shapes(op, args, placements, g, t):
     """The op and its arguments with the shapes in them this rank's: a view's, an expand's, a split's."""
     def local(v, p):
         return [math.prod(g.idx.size[f] // (t if p and f == p.index else 1) for f in d) for d in g.values[v].dims]
     o = next(o for o in op.outputs if o)
-    if op.kind in ("view", "reshape", "_unsafe_view", "expand"):
-        args[1] = local(o, placements[0])
-    elif op.kind in ("squeeze", "unflatten"):  # a split dim may be of size 1 on a rank: as a reshape
+    if op.kind in ("view", "reshape", "_unsafe_view", "squeeze", "unflatten"):  # a split dim may be 1 on a rank
         return torch.ops.aten.reshape.default, [args[0], local(o, placements[0])]
+    if op.kind == "expand":
+        args[1] = local(o, placements[0])
+    elif op.kind in ("repeat", "repeat_interleave"):  # each rank its share of the copies: its output over its input
+        out = local(o, placements[0])
+        copies = [n // m for n, m in zip(out, [1] * (len(out) - args[0].dim()) + [*args[0].shape])]
+        args[1] = copies if op.kind == "repeat" else copies[named_args(op.node)["dim"] % args[0].dim()]
     elif op.kind in ("split", "split_with_sizes"):
         k = named_args(op.node)["dim"] % len(g.values[o].shape)
         sizes = [local(v, p)[k] if v else None for v, p in zip(op.outputs, placements)]
         args[1] = sizes if op.kind == "split_with_sizes" else next(s for s in sizes if s)
     return op.node.target, args
 
-def shard(module, plan, group):
-    """module run as `plan` on this rank of `group` (of size plan.t): a Sharded module."""
-    return Sharded(module, plan, group)
+shard = Sharded  # shard(module, plan, group): module run as `plan` on this rank of `group` (of size plan.t)
 
 # ----------------------------------------------------------------------------------------------
-# python autoshard.py: nanosp's Block, rediscovered
+# python autoshard.py: the rules, and nanosp's Block rediscovered
+
+def print_rules():
+    print("An op split along index i reads each input that holds i split, S(i), and the others whole, R; its output is "
+          "S(i), or P (partial sums) if it summed over i. An op linear in inputs may read them as P and give P, so "
+          "branches that add up are reduced once. Ops on constants alone (masks, rotary tables) run whole on every "
+          "rank and need no rule.\n")
+    table(["ATen ops", "indices", "cannot split", "linear in (P in, P out)", "keeps for backward"],
+          [(", ".join(names.split()[:6]) + " ..." * (len(names.split()) > 6), *text) for names, _, *text in RULES])
+    print("\nMoves: what serves a tensor placed `from` to a reader of it placed `to`; N its whole bytes.\n")
+    table(["move", "from -> to", "forward", "backward", "ring bytes per rank", "in nanosp.py"],
+          [(name, fromto, " + ".join(fw) or "-", " + ".join(bw) or "-", f"{sum(RING[o] for o in fw + bw)} (t-1)/t N",
+            helper) for name, (fw, bw, fromto, helper) in MOVES.items()])
+
+def table(headers, rows):
+    print("| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers) + "".join(
+        "\n| " + " | ".join(str(x) for x in row) + " |" for row in rows))
 
 def main():
     parser = argparse.ArgumentParser(description="Discover the plans of one nanosp Block (GPT-3 Medium's shape).")

@@ -2,8 +2,9 @@
 runs it equal to the unsharded module.
 
 The models are plain torch (a Llama block, a GPT-J parallel block, a stack of four linears, a narrow MLP,
-grouped-query attention written out, a mean over a wide layer), Hugging Face's GPT2Block as transformers ships
-it, and nanosp's own Block. The optimum of each is derived by hand in its test; N is the bytes of the block's
+grouped-query attention written out, a mean over a wide layer, a Mistral block, timm's ViT block, a block of
+chunk, einsum and GEGLU), Hugging Face's GPT2Block and LlamaDecoderLayer as transformers ships them, and
+nanosp's own Block, its attention written out or through SDPA. The optimum of each is derived by hand in its test; N is the bytes of the block's
 activation (B T C at the inputs' element size), and a rank sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an
 all-gather or a reduce-scatter.
 
@@ -163,6 +164,94 @@ class MeanGate(nn.Module):
         return x * F.gelu(self.fc(x)).mean(-1, keepdim=True)
 
 
+class Mistral(nn.Module):
+    """A Mistral block: RMSNorm computed in float32 and cast back by type_as, KV < H heads repeated to the query
+    heads by repeat_interleave, SDPA, transpose(1, 2).contiguous().view(...), SwiGLU."""
+
+    def __init__(self, C, H, KV, F_):
+        super().__init__()
+        self.H, self.KV, self.d = H, KV, C // H
+        self.wq, self.wo = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.wk, self.wv = nn.Linear(C, KV * self.d, bias=False), nn.Linear(C, KV * self.d, bias=False)
+        self.attention_norm, self.ffn_norm = nn.Parameter(torch.ones(C)), nn.Parameter(torch.ones(C))
+        self.w1, self.w3, self.w2 = nn.Linear(C, F_, bias=False), nn.Linear(C, F_, bias=False), nn.Linear(F_, C, bias=False)
+
+    def norm(self, x, weight):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * weight
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.norm(x, self.attention_norm)
+        q = self.wq(h).view(B, T, self.H, self.d).transpose(1, 2)
+        k = self.wk(h).view(B, T, self.KV, self.d).transpose(1, 2).repeat_interleave(self.H // self.KV, dim=1)
+        v = torch.repeat_interleave(self.wv(h).view(B, T, self.KV, self.d).transpose(1, 2), self.H // self.KV, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
+        h = self.norm(x, self.ffn_norm)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class ViT(nn.Module):
+    """A ViT block as timm writes it: qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0), the output
+    flatten(2)-ed, biases in every linear, GeLU (tanh), dropout (the module in eval())."""
+
+    def __init__(self, C, H):
+        super().__init__()
+        self.H = H
+        self.norm1, self.norm2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.fc1, self.fc2 = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4).unbind(0)
+        att = (q @ k.transpose(-2, -1)) * (C // self.H) ** -0.5
+        x = x + self.drop(self.proj((att.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh")))
+
+
+class ChunkEinsum(nn.Module):
+    """q, k, v by .chunk(3, dim=-1), attention by torch.einsum, nanoGPT's causal mask (a registered tril buffer,
+    sliced, expanded, masked_fill), and a GEGLU MLP whose fused up projection is .chunk(2, -1)-ed."""
+
+    def __init__(self, C, H, T):
+        super().__init__()
+        self.H = H
+        self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.qkv, self.out = nn.Linear(C, 3 * C, bias=False), nn.Linear(C, C, bias=False)
+        self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(2 * C, C)
+        self.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (z.view(B, T, self.H, C // self.H) for z in self.qkv(self.ln_1(x)).chunk(3, dim=-1))
+        s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(C // self.H)
+        s = s.masked_fill(self.bias[:, :, :T, :T].expand(B, self.H, T, T) == 0, float("-inf"))
+        x = x + self.out(torch.einsum("bhts,bshd->bthd", F.softmax(s, dim=-1), v).reshape(B, T, C))
+        a, b = self.up(self.ln_2(x)).chunk(2, -1)
+        return x + self.down(F.gelu(a) * b)
+
+
+class HFLlama(nn.Module):
+    """transformers' LlamaDecoderLayer (SDPA attention, KV = H/2 heads), called as LlamaModel calls it: the
+    rotary cos, sin of positions 0..T-1 from its LlamaRotaryEmbedding."""
+
+    def __init__(self, C, H, T):
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        cfg = LlamaConfig(hidden_size=C, num_attention_heads=H, num_key_value_heads=H // 2,
+                          intermediate_size=3 * C // 2, max_position_embeddings=T, attn_implementation="sdpa")
+        self.layer, self.rotary = LlamaDecoderLayer(cfg, 0).eval(), LlamaRotaryEmbedding(cfg)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+        return self.layer(x, position_ids=positions, position_embeddings=self.rotary(x, positions))
+
+
 def gpt2_block(C, H, T):
     """Hugging Face's GPT2Block, as transformers ships it (eval(): its dropouts off)."""
     from transformers import GPT2Config
@@ -171,8 +260,8 @@ def gpt2_block(C, H, T):
     return GPT2Block(GPT2Config(n_embd=C, n_head=H, n_positions=T)).eval()
 
 
-def nanosp_block(C, H, T):
-    return nanosp.Block(nanosp.GPTConfig(block_size=T, n_layer=1, n_head=H, n_embd=C), None, 0)
+def nanosp_block(C, H, T, attention="explicit"):
+    return nanosp.Block(nanosp.GPTConfig(block_size=T, n_layer=1, n_head=H, n_embd=C, attention=attention), None, 0)
 
 
 # name: (build(B, T, C, H) -> module, the input's dims)
@@ -184,7 +273,12 @@ MODELS = {
     "gpt2": (lambda B, T, C, H: gpt2_block(C, H, T), None),
     "gqa": (lambda B, T, C, H: GroupedQuery(C, H), None),
     "meangate": (lambda B, T, C, H: MeanGate(C), None),
+    "mistral": (lambda B, T, C, H: Mistral(C, H, H // 4, 3 * C // 2), None),
+    "vit": (lambda B, T, C, H: ViT(C, H).eval(), None),
+    "chunkeinsum": (lambda B, T, C, H: ChunkEinsum(C, H, T), None),
+    "hfllama": (lambda B, T, C, H: HFLlama(C, H, T), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
+    "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
 }
 
 
@@ -331,6 +425,40 @@ def test_huggingface_gpt2_block_is_megatron_and_sequence_parallel(t):
         ("backward", "all-gather", N, 4), ("backward", "all-reduce", C * E, 4))
 
 
+@pytest.mark.parametrize("t", [2, 4])
+@pytest.mark.parametrize("name", ["vit", "chunkeinsum", "hfllama", "mistral"])
+def test_blocks_written_other_ways_are_megatron_and_sequence_parallel(name, t):
+    """timm's qkv unbind(0), q, k, v by chunk(3) and attention by einsum with GEGLU's chunk(2), transformers'
+    LlamaDecoderLayer, Mistral's float32 RMSNorm and repeat_interleave (16 heads, 4 k, v heads): the Llama
+    block's f f̄ f f̄, 8 (t-1)/t N, heads split (q, k, v together, or k, v with the query heads that read them).
+    Split activations: g ḡ g ḡ, each g re-gathered once, and the norms' weight (and bias) gradients summed."""
+    heads, norms = (16, 2) if name == "mistral" else (H, {"vit": 4, "chunkeinsum": 4, "hfllama": 2}[name])
+    plan = plan_of(name, t=t, H=heads)
+    assert all(split_dim(plan, v.target) for v in plan.graph.values.values() if v.kind == "parameter" and v.shape[1:])
+    assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 2), ("backward", "all-reduce", N, 2))
+    assert plan.bytes_sent == 8 * (t - 1) * N // t
+    sp = plan_of(name, t=t, H=heads, constraint="activations")
+    assert sorted(sp.collectives) == collectives(
+        ("forward", "all-gather", N, 2), ("forward", "reduce-scatter", N, 2), ("backward", "reduce-scatter", N, 2),
+        ("backward", "all-gather", N, 4), ("backward", "all-reduce", C * E, norms))
+
+
+@pytest.mark.parametrize("name, subblocks", [("mistral", 2), ("gqa", 1)])
+def test_fewer_key_value_heads_than_ranks_are_gathered(name, subblocks):
+    """t = 4 ranks, 2 k, v heads (8 query heads; repeat_interleave in one, expand in the other): the k, v heads
+    cannot split 4 ways. The query heads still split (2 of each k, v head's 4 per rank); k and v are split
+    along their head dim and all-gathered whole (N/4 each: g forward, its reduce-scatter backward), then
+    repeated to the query heads. Megatron's 4 (t-1)/t N per sub-block, and 2 x 2 x N/4 more: (t-1)/t N."""
+    t = 4
+    with torch.device("meta"):
+        module = (Mistral(C, H, 2, 3 * C // 2) if name == "mistral" else GroupedQuery(C, H, groups=4)).double()
+    plan = autoshard.discover(module, (torch.empty(B, T, C, device="meta", dtype=torch.float64),), t)
+    assert sorted(plan.collectives) == collectives(
+        ("forward", "all-reduce", N, subblocks), ("backward", "all-reduce", N, subblocks),
+        ("forward", "all-gather", N // 4, 2), ("backward", "reduce-scatter", N // 4, 2))
+    assert plan.bytes_sent == (4 * subblocks + 1) * N * (t - 1) // t
+
+
 # ----------------------------------------------------------------------------------------------
 # nanosp's Block: the plans are Megatron's and sequence parallelism's, and nanosp's ledgers count them
 
@@ -370,6 +498,16 @@ def test_nanosp_block_plans_equal_nanosps_ledgers(fake_group, t, sp):
     measured, _ = ledgers.measure_activation_bytes(cfg, fake_group(t), b, s, torch.bfloat16)
     assert plan.activation_bytes == measured
     assert plan.param_bytes == sum(p.numel() * 2 for p in nanosp.Block(cfg, fake_group(t), 0).parameters())
+
+
+@pytest.mark.parametrize("t", [2, 4])
+@pytest.mark.parametrize("constraint", ["weights", "activations"])
+def test_nanosp_block_with_sdpa_has_the_written_out_blocks_plan(t, constraint):
+    """attention="sdpa" (q, k, v by qkv.chunk(3, dim=-1), then F.scaled_dot_product_attention) is planned as
+    the written-out attention is: each weight split alike, the same collectives and bytes."""
+    explicit, sdpa = (plan_of(name, t=t, constraint=constraint) for name in ("nanosp", "nanosp_sdpa"))
+    assert {w: split_dim(sdpa, w) for w in sdpa.weights} == {w: split_dim(explicit, w) for w in explicit.weights}
+    assert sorted(sdpa.collectives) == sorted(explicit.collectives) and sdpa.bytes_sent == explicit.bytes_sent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +633,7 @@ def rel_err(a, b):
 @st.composite
 def cases(draw, name, constraint):
     t = draw(st.sampled_from([2, 4]))
-    H = t * draw(st.integers(1, 2)) * (2 if name == "gqa" else 1)  # gqa: the k, v heads (H / 2) split too
+    H = t * draw(st.integers(1, 2)) * (2 if name in ("gqa", "mistral", "hfllama") else 1)  # k, v heads H/2 or H/4
     C = H * draw(st.sampled_from([2, 4])) * (4 if name == "narrow" else 1)
     T = t * draw(st.integers(1, 3)) if constraint == "activations" else draw(st.integers(2, 9))
     return dict(name=name, t=t, constraint=constraint, B=draw(st.integers(1, 3)), T=T, C=C, H=H,
@@ -549,13 +687,14 @@ def test_shard_equals_the_unsharded_module(world, name, constraint, data):
             assert err < TOL, f"{what}: relative error {err:.2e} for {case}"
 
 
-def task_nanosp_block(ctx, t, sequence_parallel):
+def task_nanosp_block(ctx, t, sequence_parallel, attention):
     """autoshard's shard of nanosp's unsharded Block against nanosp's own hand-sharded Block, the same weights."""
     group = ctx.group(t)
     if ctx.rank >= t:
         return None
     s, b, h, a = 8, 2, 16, 4
-    cfg = nanosp.GPTConfig(block_size=s, n_layer=1, n_head=a, n_embd=h, sequence_parallel=sequence_parallel)
+    cfg = nanosp.GPTConfig(block_size=s, n_layer=1, n_head=a, n_embd=h, sequence_parallel=sequence_parallel,
+                           attention=attention)
     with torch.device("meta"):
         meta_block = nanosp.Block(cfg, None, 0).double()
     plan = autoshard.discover(meta_block, (torch.empty(s, b, h, device="meta", dtype=torch.float64),), t, dims="T B C",
@@ -591,8 +730,9 @@ def task_nanosp_block(ctx, t, sequence_parallel):
 
 @pytest.mark.parametrize("t", [2, 4])
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_shard_of_nanosp_block_equals_nanosps_hand_sharded_block(world, t, sequence_parallel):
-    for errors in world.run(task_nanosp_block, t=t, sequence_parallel=sequence_parallel):
+@pytest.mark.parametrize("attention", nanosp.ATTENTIONS)
+def test_shard_of_nanosp_block_equals_nanosps_hand_sharded_block(world, t, sequence_parallel, attention):
+    for errors in world.run(task_nanosp_block, t=t, sequence_parallel=sequence_parallel, attention=attention):
         if errors is not None:
             assert max(errors) < TOL, errors
 
