@@ -41,8 +41,7 @@ CONSTRAINTS = {"none": "any plan, replicating everything included",
                "weights": "every weight matrix split over the t ranks, and no collective moves a weight",
                "activations": "weights split, and every floating activation a rank keeps for backward split too"}
 
-# ----------------------------------------------------------------------------------------------
-# 1. trace
+# 1. trace -------------------------------------------------------------------------------------
 
 def trace(module, inputs):
     """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole; the ops
@@ -87,8 +86,7 @@ def _nodes(value):
     fx.node.map_arg(value, found.append)
     return found
 
-# ----------------------------------------------------------------------------------------------
-# 2. indices
+# 2. indices -----------------------------------------------------------------------------------
 
 class Indices:
     """Index names, as einsum's letters. A dimension is a tuple of factors: (C,), or (heads, d) once a view
@@ -143,8 +141,7 @@ class Indices:
                 n //= self.size[out[-1][-1]]
         return [tuple(d) for d in out]
 
-# ----------------------------------------------------------------------------------------------
-# 3. rules: each op read as an einsum
+# 3. rules: each op read as an einsum ----------------------------------------------------------
 
 class Law(NamedTuple):
     """What a rule says of one op, in its indices (while tracing, its inputs are nodes)."""
@@ -209,8 +206,7 @@ def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n
     return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
 def _norm(g, node, a):
-    x, k = a["input"], len(a["normalized_shape"])
-    dx = g.dims(x)
+    x, k, dx = a["input"], len(a["normalized_shape"]), g.dims(a["input"])
     _align(g, node, dx[-k:], [p for p in (a.get("weight"), a.get("bias")) if p is not None])
     return Law([dx], whole=tuple(dx[-k:]), saves=(x,), new=(dx[:-k],) * (2 if op_name(node) == "layer_norm" else 1))
 
@@ -351,8 +347,7 @@ RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
 MAKERS = set("arange ones zeros full empty scalar_tensor zeros_like ones_like full_like empty_like new_ones new_zeros "
              "new_full new_empty tensor".split())  # made whole on each rank: no rule needed
 
-# ----------------------------------------------------------------------------------------------
-# the traced graph, every dimension named
+# the traced graph, every dimension named ------------------------------------------------------
 
 @dataclasses.dataclass
 class Value:
@@ -500,9 +495,7 @@ def _dim_names(inputs, dims):
                              f"{tuple(x.shape)}")
     return [(spec or "B T C").split() for spec in dims]
 
-# ----------------------------------------------------------------------------------------------
-# 4. price: placements, and the moves between them
-#
+# 4. price: placements, and the moves between them ---------------------------------------------
 # N is the whole tensor's bytes. Under the ring algorithm a rank sends 2(t-1)/t N for an all-reduce and
 # (t-1)/t N for an all-gather or a reduce-scatter (Korthikanti et al. 2022, section 4.2.2).
 
@@ -599,8 +592,7 @@ def moves_of(g, v, p, reads, t):
     prefixes = sorted({c[:n] for c in chains for n in range(1, len(c) + 1)}, key=lambda c: (len(c), c))
     return [Moved(v, c[-1], math.prod(g.values[v].shape) * g.element_size, g.values[v].grad) for c in prefixes]
 
-# ----------------------------------------------------------------------------------------------
-# 5. search
+# 5. search ------------------------------------------------------------------------------------
 
 class Choice(NamedTuple):
     """How an op runs: split along an index, or not (None), reading its linear group `partial` as P."""
@@ -689,8 +681,7 @@ def step(g, t, constraint, k, choice, entries):
     return Stepped(after, tuple(done), units(m for d in done for m in moves_of(g, *d, t)), tuple(kept))
 
 def returning(g, first, v, p):
-    """An output's last read: the module's output returns to its input's placement (the next block of a stack
-    reads it so); any other output is taken as it is (shard's conversions to full are not priced)."""
+    """An output's last read: the module's output returns to its input's placement; any other is taken as it is."""
     back = first if g.aligned and v == g.outputs[0] else p
     return Read(back, grad_placement(back))
 
@@ -737,10 +728,7 @@ def _form(g, a, b):
     number, form = {}, []
     for op in g.ops[a:b]:
         form.append((op.kind, repr(fx.node.map_arg(op.node.args, lambda _: 0))))
-        for v in op.inputs + op.outputs:
-            if v is None:  # an unused output
-                form.append(None)
-                continue
+        for v in filter(None, op.inputs + op.outputs):  # (an unused output is None)
             val = g.values[v]
             role = "first" if v in g.live[a] else (val.kind, val.shape, *made.get(v, (None, 0)))
             form.append((role, tuple(tuple(number.setdefault(f, len(number)) for f in d) for d in val.dims)))
@@ -795,12 +783,11 @@ def account(g, t, constraint, first, chosen):
 
 def discover(module, example_inputs, t, dims=None, constraint="weights"):
     """The plan that sends the fewest bytes per rank (ring algorithm, forward and backward) under the constraint
-    (CONSTRAINTS); ties go to fewer activation bytes kept. module is unsharded, and it and example_inputs may be on
-    the meta device: nothing is computed. dims names each input's dimensions, e.g. ("T B C",); a 3-D input defaults
-    to "B T C". Bytes are at the inputs' element size; the module is priced as one of a stack of identical blocks
-    (its output returns to its input's placement: replicated, or split along T under "activations"); shard()'s
-    conversions from and to full tensors are not priced. The plan applies to any module of the same parameters,
-    shapes and dtypes."""
+    (CONSTRAINTS); ties go to fewer activation bytes kept. module (unsharded) and example_inputs may be on the meta
+    device: nothing is computed. dims names each input's dimensions, e.g. ("T B C",); a 3-D input defaults to
+    "B T C". Bytes are at the inputs' element size; the module is priced as one of a stack of identical blocks (its
+    output returns to its input's placement: replicated, or split along T under "activations"); shard()'s
+    conversions from and to full tensors are not. The plan applies to any module of the same parameters."""
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint={constraint!r} is not one of {tuple(CONSTRAINTS)}")
     if not isinstance(t, int) or isinstance(t, bool) or t < 2:
@@ -829,8 +816,7 @@ def solve(g, t, constraint):  # discover's search, on a traced Graph
                          + (f": {stuck[0]} has no dimension t divides" if stuck else ""))
     return account(g, t, constraint, first, found)
 
-# ----------------------------------------------------------------------------------------------
-# the plan
+# the plan -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Plan:
@@ -882,8 +868,7 @@ class Plan:
                              f"backward {backward or '-':28} {m.nbytes:>13,} B  {made.get(v.name, '')}")
         return "\n".join(lines)
 
-# ----------------------------------------------------------------------------------------------
-# 6. run: the traced graph on this rank's shards
+# 6. run: the traced graph on this rank's shards -----------------------------------------------
 
 class Moving(torch.autograd.Function):
     """A move nanosp has no operator for: its forward and its backward, each a function of one tensor."""
@@ -922,8 +907,8 @@ def _regathering(kept):
 
 class Sharded(torch.nn.Module):
     """A module run as a plan says on this rank of `group`: its parameters sliced, the traced graph interpreted op
-    by op on the local shards, the plan's moves in between. Called with the full inputs (the same on every rank),
-    it returns the full outputs."""
+    by op, the plan's moves in between. Called with the full inputs (the same on every rank), it returns the full
+    outputs."""
 
     def __init__(self, module, plan, group):
         super().__init__()
@@ -1054,8 +1039,7 @@ def _local_shapes(op, args, placements, g, t):
 
 shard = Sharded  # shard(module, plan, group): module run as `plan` on this rank of `group` (of size plan.t)
 
-# ----------------------------------------------------------------------------------------------
-# python autoshard.py: the rules, and nanosp's Block rediscovered
+# python autoshard.py: the rules, and nanosp's Block rediscovered ------------------------------
 
 def print_rules():
     print("An op split along index i reads each input that holds i split, S(i), and the others whole, R; its output is "
