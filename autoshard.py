@@ -762,24 +762,21 @@ def best(g, t, constraint, first):
 def account(g, t, constraint, first, chosen):
     """The Plan of one choice per op, input 0 placed `first` (None if it breaks the constraint): its moves in graph
     order; per rank, the parameter bytes and the activation bytes kept, each tensor once."""
-    live, moves, kept, placed, reads_of = {g.inputs[0]: (first, frozenset())}, [], {}, {g.inputs[0]: first}, {}
+    live, done, kept, placed = {g.inputs[0]: (first, frozenset())}, [], {}, {g.inputs[0]: first}
     for k, (op, choice) in enumerate(zip(g.ops, chosen)):
         s = step(g, t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
         if choice not in choices(g, k, t, live) or s is None:
             return None
-        for v, p, reads in s.done:
-            moves += moves_of(g, v, p, reads, t)
-            reads_of[v] = reads
         placed.update({v: p for v, p, _ in s.done} | {v: e[0] for v, e in s.after.items() if e})  # read, or made
         live.update(s.after)
         kept.update(s.kept)
-    for v in g.live[-1]:
-        reads_of[v] = live[v][1] | {returning(g, first, v, live[v][0])}
-        moves += moves_of(g, v, live[v][0], reads_of[v], t)
+        done += s.done
+    done += [(v, live[v][0], live[v][1] | {returning(g, first, v, live[v][0])}) for v in g.live[-1]]  # their last
+    moves = [m for d in done for m in moves_of(g, *d, t)]
     params = sum(math.prod(v.shape) * g.element_size // (t if placed.get(v.name, R).kind == "S" else 1)
                  for v in g.values.values() if v.kind == "parameter")
-    return Plan(t, constraint, g, first, {op.name: c for op, c in zip(g.ops, chosen)}, placed, reads_of, moves,
-                units(moves) * (t - 1) // t, sum(kept.values()), params)
+    return Plan(t, constraint, g, first, {op.name: c for op, c in zip(g.ops, chosen)}, placed,
+                {v: reads for v, _, reads in done}, moves, units(moves) * (t - 1) // t, sum(kept.values()), params)
 
 def discover(module, example_inputs, t, dims=None, constraint="weights"):
     """The plan that sends the fewest bytes per rank (ring algorithm, forward and backward) under the constraint
@@ -894,11 +891,9 @@ def along(x, dims, index, fn, size):
 def _regathering(kept):
     """Within an op, a saved tensor that views a gathered one is kept as the shard it was gathered from, gathered
     again when backward first needs it (once however many ops keep it, as nanosp's LinearWithSequenceGather does)
-    and rebuilt by its strides. kept: [(gathered tensor, its gathering again)]."""
-    holders = {x.untyped_storage().data_ptr(): holder for x, holder in kept}
-
+    and rebuilt by its strides. kept: {the gathered tensor's storage: its gathering again}."""
     def pack(x):
-        holder = holders.get(x.untyped_storage().data_ptr())
+        holder = kept.get(x.untyped_storage().data_ptr())
         return x if holder is None else (holder, x.shape, x.stride(), x.storage_offset())
 
     def unpack(packed):
@@ -943,14 +938,14 @@ class Sharded(torch.nn.Module):
         env, moved, holders = dict(self.local) | self.constants, {}, {}
         env.update((v, self._part(x, v)) for v, x in zip(g.inputs, inputs))  # the full inputs to this rank's
         for op in g.ops:
-            choice, local, kept = plan.choices[op.name], {}, []
+            choice, local, kept = plan.choices[op.name], {}, {}
             for x in dict.fromkeys(_nodes((op.node.args, op.node.kwargs))):
                 local[x.name], chain = self._read(x.name, read_of(g, op, choice, x.name, plan.constraint), env, moved)
                 if chain and chain[-1].name == "regather":  # kept as the shard its gather started from
                     if (x.name, chain) not in holders:  # gathered again in backward: once, without a gradient
                         again = functools.partial(self._move, moved[x.name, chain[:-2]].detach(), x.name, chain[-2])
                         holders[x.name, chain] = functools.cache(torch.no_grad()(again))
-                    kept.append((local[x.name], holders[x.name, chain]))
+                    kept[local[x.name].untyped_storage().data_ptr()] = holders[x.name, chain]
             target, args = _local_shapes(op, list(_local(op.node.args, local, inputs[0].device)),
                                          [plan.placements.get(o) for o in op.outputs], g, plan.t)
             with _regathering(kept) if kept else contextlib.nullcontext():
@@ -1023,12 +1018,12 @@ def _local_shapes(op, args, placements, g, t):
     def local(v, p):
         return [math.prod(g.idx.size[f] // (t if p and f == p.index else 1) for f in d) for d in g.values[v].dims]
     o = next(o for o in op.outputs if o)
+    out = local(o, placements[0])
     if op.kind in ("view", "reshape", "_unsafe_view", "squeeze", "unflatten"):  # a split dim may be 1 on a rank
-        return torch.ops.aten.reshape.default, [args[0], local(o, placements[0])]
+        return torch.ops.aten.reshape.default, [args[0], out]
     if op.kind == "expand":
-        args[1] = local(o, placements[0])
+        args[1] = out
     elif op.kind in ("repeat", "repeat_interleave"):  # each rank its share of the copies: its output over its input
-        out = local(o, placements[0])
         copies = [n // m for n, m in zip(out, [1] * (len(out) - args[0].dim()) + [*args[0].shape])]
         args[1] = copies if op.kind == "repeat" else copies[named_args(op.node)["dim"] % args[0].dim()]
     elif op.kind in ("split", "split_with_sizes"):
