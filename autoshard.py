@@ -11,15 +11,11 @@ t ranks with those same operators:
     y = sharded(*inputs); y.sum().backward(); sharded.full_grads()
 
 1. trace    torch.export turns the module into ATen ops; on the meta device nothing is computed
-2. indices  every dimension of every tensor is a tuple of named factors, einsum-style: B T C, and the (heads,
-            head dim) a view spells out of a projection's features
+2. indices  every dimension of every tensor is a tuple of named factors, einsum-style: B T C, (heads, head dim)
 3. rules    a tensor is R (replicated), S(i) (split along index i) or P (partial sums: the ranks' tensors add
-            up to it); RULES says what each op cannot split, what it is linear in (partial sums flow through
-            it, so branches that add up reduce once) and what it keeps for backward
-4. price    a tensor read in another placement than it has is moved by the paper's f, f̄, g, ḡ or a few other
-            moves, forward and backward, priced under the ring algorithm
-5. search   a dynamic programme over the ops in graph order: exact, linear in their number, repeated blocks
-            solved once
+            up to it); RULES says what each op cannot split, what it is linear in and what it keeps
+4. price    the paper's f, f̄, g, ḡ and a few other moves between placements, priced under the ring algorithm
+5. search   a dynamic programme over the ops in graph order: exact, linear, repeated blocks solved once
 6. run      shard(): the traced graph interpreted on this rank's shards, the moves in the autograd graph
 
     python autoshard.py    # nanosp's Block: the rules, then the plans that are Megatron's and SP's
@@ -45,8 +41,7 @@ CONSTRAINTS = {"none": "any plan, replicating everything included",
                "weights": "every weight matrix split over the t ranks, and no collective moves a weight",
                "activations": "weights split, and every floating activation a rank keeps for backward split too"}
 
-# ----------------------------------------------------------------------------------------------
-# 1. trace
+# 1. trace -------------------------------------------------------------------------------------
 
 def trace(module, inputs):
     """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole; the ops
@@ -62,20 +57,15 @@ def trace(module, inputs):
             node.kwargs = {}
     return ep
 
-def _val(node):
-    return node.meta["val"]
-
 aten = torch.ops.aten
 REWRITES = {  # an op: the op it is, and that op's arguments
-    "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-_val(x).shape[dim] // n), dim)),  # parts of ceil(d/n)
-    "type_as": lambda x, other: (aten.to.dtype, (x, _val(other).dtype)),
-    "view_as": lambda x, other: (aten.view.default, (x, list(_val(other).shape))),
-    "reshape_as": lambda x, other: (aten.reshape.default, (x, list(_val(other).shape))),
-    "expand_as": lambda x, other: (aten.expand.default, (x, list(_val(other).shape))),
-    "swapaxes": lambda x, a, b: (aten.transpose.int, (x, a, b)),
-    "swapdims": lambda x, a, b: (aten.transpose.int, (x, a, b)),
+    "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-x.meta["val"].shape[dim] // n), dim)),  # ceil(d/n)
+    "type_as": lambda x, other: (aten.to.dtype, (x, other.meta["val"].dtype)),
+    "view_as": lambda x, other: (aten.view.default, (x, list(other.meta["val"].shape))),
+    "reshape_as": lambda x, other: (aten.reshape.default, (x, list(other.meta["val"].shape))),
+    "expand_as": lambda x, other: (aten.expand.default, (x, list(other.meta["val"].shape))),
     "mT": lambda x: (aten.transpose.int, (x, -2, -1)),
-}
+} | dict.fromkeys(["swapaxes", "swapdims"], lambda x, a, b: (aten.transpose.int, (x, a, b)))
 
 def source(node):
     """'file.py:12 `code`': the line of the module's source that made an op (in its innermost forward)."""
@@ -96,8 +86,7 @@ def _nodes(value):
     fx.node.map_arg(value, found.append)
     return found
 
-# ----------------------------------------------------------------------------------------------
-# 2. indices
+# 2. indices -----------------------------------------------------------------------------------
 
 class Indices:
     """Index names, as einsum's letters. A dimension is a tuple of factors: (C,), or (heads, d) once a view
@@ -152,8 +141,7 @@ class Indices:
                 n //= self.size[out[-1][-1]]
         return [tuple(d) for d in out]
 
-# ----------------------------------------------------------------------------------------------
-# 3. rules: each op read as an einsum
+# 3. rules: each op read as an einsum ----------------------------------------------------------
 
 class Law(NamedTuple):
     """What a rule says of one op, in its indices (while tracing, its inputs are nodes)."""
@@ -175,14 +163,10 @@ def _align(g, node, out, xs, cut=0):
     for x in xs:
         kept = len(g.shape(x)) - cut
         for k, (n, d) in enumerate(zip(g.shape(x)[:kept][::-1], g.dims(x)[:kept][::-1]), 1):
-            if n > 1 and out[-k]:
+            if n > 1:
+                out[-k] = out[-k] or d
                 g.idx.unify(out[-k], d, source(node))
-            elif n > 1:
-                out[-k] = d
     return out
-
-def _gone(dim, n):
-    return range(n) if dim in (None, []) else {d % n for d in ([dim] if isinstance(dim, int) else dim)}
 
 def _pointwise(saves, linear):
     """An elementwise op. saves: "inputs", "out", "first"/"second" (a mask) or "". linear: "all" (its tensors
@@ -199,8 +183,8 @@ def _pointwise(saves, linear):
 
 def _reduction(linear):  # sum, mean (linear): split along a summed index, the output is P; the others: whole
     def rule(g, node, a):
-        x = a["self"]
-        dx, gone = g.dims(x), _gone(a.get("dim"), len(g.shape(x)))
+        x, dim, dx = a["self"], a.get("dim"), g.dims(a["self"])
+        gone = range(len(dx)) if dim in (None, []) else {d % len(dx) for d in ([dim] if isinstance(dim, int) else dim)}
         out = [() if k in gone else d for k, d in enumerate(dx) if a.get("keepdim") or k not in gone]
         if linear:
             return Law([out], summed=[dx[k] for k in gone], linear=((x,),))
@@ -222,8 +206,7 @@ def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n
     return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
 def _norm(g, node, a):
-    x, k = a["input"], len(a["normalized_shape"])
-    dx = g.dims(x)
+    x, k, dx = a["input"], len(a["normalized_shape"]), g.dims(a["input"])
     _align(g, node, dx[-k:], [p for p in (a.get("weight"), a.get("bias")) if p is not None])
     return Law([dx], whole=tuple(dx[-k:]), saves=(x,), new=(dx[:-k],) * (2 if op_name(node) == "layer_norm" else 1))
 
@@ -309,10 +292,8 @@ def _einsum(g, node, a):
         return term.replace("...", "".join(chr(0x2460 + j) for j in reversed(range(n - len(term) + 3))))
     for x, term in zip(xs, terms):
         for c, d, n in zip(spelled(term, len(g.shape(x))), g.dims(x), g.shape(x)):
-            if n > 1 and c in letters:
-                g.idx.unify(letters[c], d, source(node))
-            elif n > 1:
-                letters[c] = d
+            if n > 1:
+                g.idx.unify(letters.setdefault(c, d), d, source(node))
     out = spelled(out, ellipsis + len(out) - 3 * ("..." in out))
     return Law([[letters.get(c, ()) for c in out]], summed=tuple(d for c, d in letters.items() if c not in out),
                linear=tuple((x,) for x in xs) * (len(set(xs)) == len(xs)), saves=tuple(xs))
@@ -366,8 +347,7 @@ RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
 MAKERS = set("arange ones zeros full empty scalar_tensor zeros_like ones_like full_like empty_like new_ones new_zeros "
              "new_full new_empty tensor".split())  # made whole on each rank: no rule needed
 
-# ----------------------------------------------------------------------------------------------
-# the traced graph, every dimension named
+# the traced graph, every dimension named ------------------------------------------------------
 
 @dataclasses.dataclass
 class Value:
@@ -398,9 +378,6 @@ class Graph:
 
     def __init__(self, module, example_inputs, dims=None):
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        for i, x in enumerate(inputs):
-            if not torch.is_tensor(x):
-                raise ValueError(f"example input {i} is a {type(x).__name__}: discover takes tensors")
         self.module, self.names = type(module).__name__, _dim_names(inputs, dims)
         self.shapes_in = [x.shape for x in inputs]
         self.element_size = next((x.element_size() for x in inputs if x.is_floating_point()), 4)
@@ -508,6 +485,8 @@ def _dim_names(inputs, dims):
     if len(dims) != len(inputs):
         raise ValueError(f"dims names {len(dims)} inputs; there are {len(inputs)} example inputs")
     for i, (x, spec) in enumerate(zip(inputs, dims)):
+        if not torch.is_tensor(x):
+            raise ValueError(f"example input {i} is a {type(x).__name__}: discover takes tensors")
         if spec is None and x.dim() != 3:
             raise ValueError(f"input {i} has {x.dim()} dimensions {tuple(x.shape)}: name them in dims, e.g. dims[{i}]="
                              f"{' '.join(f'd{k}' for k in range(x.dim()))!r} (only a 3-D input defaults to 'B T C')")
@@ -516,9 +495,7 @@ def _dim_names(inputs, dims):
                              f"{tuple(x.shape)}")
     return [(spec or "B T C").split() for spec in dims]
 
-# ----------------------------------------------------------------------------------------------
-# 4. price: placements, and the moves between them
-#
+# 4. price: placements, and the moves between them ---------------------------------------------
 # N is the whole tensor's bytes. Under the ring algorithm a rank sends 2(t-1)/t N for an all-reduce and
 # (t-1)/t N for an all-gather or a reduce-scatter (Korthikanti et al. 2022, section 4.2.2).
 
@@ -530,10 +507,7 @@ class Placement(NamedTuple):
     def __str__(self):
         return f"S({self.index})" if self.kind == "S" else self.kind
 
-R, P = Placement("R"), Placement("P")
-
-def S(index):
-    return Placement("S", index)
+R, P, S = Placement("R"), Placement("P"), functools.partial(Placement, "S")  # S(i): split along index i
 
 def grad_placement(p):
     """A tensor's gradient once its readers' parts are moved and summed: placed like it, except that a partial
@@ -618,8 +592,7 @@ def moves_of(g, v, p, reads, t):
     prefixes = sorted({c[:n] for c in chains for n in range(1, len(c) + 1)}, key=lambda c: (len(c), c))
     return [Moved(v, c[-1], math.prod(g.values[v].shape) * g.element_size, g.values[v].grad) for c in prefixes]
 
-# ----------------------------------------------------------------------------------------------
-# 5. search
+# 5. search ------------------------------------------------------------------------------------
 
 class Choice(NamedTuple):
     """How an op runs: split along an index, or not (None), reading its linear group `partial` as P."""
@@ -708,8 +681,7 @@ def step(g, t, constraint, k, choice, entries):
     return Stepped(after, tuple(done), units(m for d in done for m in moves_of(g, *d, t)), tuple(kept))
 
 def returning(g, first, v, p):
-    """An output's last read: the module's output returns to its input's placement (the next block of a stack
-    reads it so); any other output is taken as it is (shard's conversions to full are not priced)."""
+    """An output's last read: the module's output returns to its input's placement; any other is taken as it is."""
     back = first if g.aligned and v == g.outputs[0] else p
     return Read(back, grad_placement(back))
 
@@ -727,18 +699,16 @@ def search(g, t, constraint, start, stop, states):
                     g.memo[key] = step(g, t, constraint, k, choice, key[-1])
                 if (s := g.memo[key]) is not None:
                     now, more = live | s.after, (s.units, sum(b for _, b in s.kept), choice.partial is not None)
-                    cheapest(following, tuple(now[v] for v in g.live[k + 1]), plus(score, more), path + (choice,))
+                    cheapest(following, tuple(now[v] for v in g.live[k + 1]), score, more, path + (choice,))
         states = following
     return states
 
-def cheapest(states, state, score, path):
-    """Keeps the cheapest way to each state. A score is (ring bytes in units of (t-1)/t, activation bytes kept,
-    reads of partial sums), compared in that order: ties go to less memory, then to fewer partial reads."""
+def cheapest(states, state, score, more, path):
+    """Keeps the cheapest way to each state. A score, score + more, is (ring bytes in units of (t-1)/t, activation
+    bytes kept, reads of partial sums), compared in that order: ties go to less memory, then to fewer partial reads."""
+    score = tuple(a + b for a, b in zip(score, more))
     if state not in states or score < states[state][0]:
         states[state] = (score, path)
-
-def plus(score, more):
-    return tuple(a + b for a, b in zip(score, more))
 
 def segments(g):
     """The ops cut where one value alone is live (between blocks, or sub-blocks): each run, with the first run of
@@ -758,10 +728,7 @@ def _form(g, a, b):
     number, form = {}, []
     for op in g.ops[a:b]:
         form.append((op.kind, repr(fx.node.map_arg(op.node.args, lambda _: 0))))
-        for v in op.inputs + op.outputs:
-            if v is None:  # an unused output
-                form.append(None)
-                continue
+        for v in filter(None, op.inputs + op.outputs):  # (an unused output is None)
             val = g.values[v]
             role = "first" if v in g.live[a] else (val.kind, val.shape, *made.get(v, (None, 0)))
             form.append((role, tuple(tuple(number.setdefault(f, len(number)) for f in d) for d in val.dims)))
@@ -784,44 +751,40 @@ def best(g, t, constraint, first):
                 g.memo[key] = search(g, t, constraint, a0, a0 + b - a, {key[-1]: ((0, 0, 0), ())})
             for after, (more, sub) in g.memo[key].items():
                 sub = tuple(c._replace(index=fmap.get(c.index, c.index)) for c in sub)
-                cheapest(following, _rename(after, fmap), plus(score, more), path + sub)
+                cheapest(following, _rename(after, fmap), score, more, path + sub)
         states = following
     finals = {}  # the values live at the end make their moves, the output returning to its input's placement
     for state, (score, path) in states.items():
         ends = [moves_of(g, v, p, reads | {returning(g, first, v, p)}, t) for v, (p, reads) in zip(g.live[-1], state)]
-        cheapest(finals, "end", plus(score, (units(m for ms in ends for m in ms), 0, 0)), path)
+        cheapest(finals, "end", score, (units(m for ms in ends for m in ms), 0, 0), path)
     return finals["end"][1] if finals else None
 
 def account(g, t, constraint, first, chosen):
     """The Plan of one choice per op, input 0 placed `first` (None if it breaks the constraint): its moves in graph
     order; per rank, the parameter bytes and the activation bytes kept, each tensor once."""
-    live, moves, kept, placed, reads_of = {g.inputs[0]: (first, frozenset())}, [], {}, {g.inputs[0]: first}, {}
+    live, done, kept, placed = {g.inputs[0]: (first, frozenset())}, [], {}, {g.inputs[0]: first}
     for k, (op, choice) in enumerate(zip(g.ops, chosen)):
         s = step(g, t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
         if choice not in choices(g, k, t, live) or s is None:
             return None
-        for v, p, reads in s.done:
-            moves += moves_of(g, v, p, reads, t)
-            reads_of[v] = reads
         placed.update({v: p for v, p, _ in s.done} | {v: e[0] for v, e in s.after.items() if e})  # read, or made
         live.update(s.after)
         kept.update(s.kept)
-    for v in g.live[-1]:
-        reads_of[v] = live[v][1] | {returning(g, first, v, live[v][0])}
-        moves += moves_of(g, v, live[v][0], reads_of[v], t)
+        done += s.done
+    done += [(v, live[v][0], live[v][1] | {returning(g, first, v, live[v][0])}) for v in g.live[-1]]  # their last
+    moves = [m for d in done for m in moves_of(g, *d, t)]
     params = sum(math.prod(v.shape) * g.element_size // (t if placed.get(v.name, R).kind == "S" else 1)
                  for v in g.values.values() if v.kind == "parameter")
-    return Plan(t, constraint, g, first, {op.name: c for op, c in zip(g.ops, chosen)}, placed, reads_of, moves,
-                units(moves) * (t - 1) // t, sum(kept.values()), params)
+    return Plan(t, constraint, g, first, {op.name: c for op, c in zip(g.ops, chosen)}, placed,
+                {v: reads for v, _, reads in done}, moves, units(moves) * (t - 1) // t, sum(kept.values()), params)
 
 def discover(module, example_inputs, t, dims=None, constraint="weights"):
     """The plan that sends the fewest bytes per rank (ring algorithm, forward and backward) under the constraint
-    (CONSTRAINTS); ties go to fewer activation bytes kept. module is unsharded, and it and example_inputs may be on
-    the meta device: nothing is computed. dims names each input's dimensions, e.g. ("T B C",); a 3-D input defaults
-    to "B T C". Bytes are at the inputs' element size; the module is priced as one of a stack of identical blocks
-    (its output returns to its input's placement: replicated, or split along T under "activations"); shard()'s
-    conversions from and to full tensors are not priced. The plan applies to any module of the same parameters,
-    shapes and dtypes."""
+    (CONSTRAINTS); ties go to fewer activation bytes kept. module (unsharded) and example_inputs may be on the meta
+    device: nothing is computed. dims names each input's dimensions, e.g. ("T B C",); a 3-D input defaults to
+    "B T C". Bytes are at the inputs' element size; the module is priced as one of a stack of identical blocks (its
+    output returns to its input's placement: replicated, or split along T under "activations"); shard()'s
+    conversions from and to full tensors are not. The plan applies to any module of the same parameters."""
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint={constraint!r} is not one of {tuple(CONSTRAINTS)}")
     if not isinstance(t, int) or isinstance(t, bool) or t < 2:
@@ -850,8 +813,7 @@ def solve(g, t, constraint):  # discover's search, on a traced Graph
                          + (f": {stuck[0]} has no dimension t divides" if stuck else ""))
     return account(g, t, constraint, first, found)
 
-# ----------------------------------------------------------------------------------------------
-# the plan
+# the plan -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Plan:
@@ -903,28 +865,19 @@ class Plan:
                              f"backward {backward or '-':28} {m.nbytes:>13,} B  {made.get(v.name, '')}")
         return "\n".join(lines)
 
-# ----------------------------------------------------------------------------------------------
-# 6. run: the traced graph on this rank's shards
+# 6. run: the traced graph on this rank's shards -----------------------------------------------
 
 class Moving(torch.autograd.Function):
-    """A move nanosp has no operator for, along dim 0: forward and backward each "slice" (this rank's rows),
-    "gather" (all-gather), "mask" (rank 0 keeps it, the others zeros) or "-"."""
+    """A move nanosp has no operator for: its forward and its backward, each a function of one tensor."""
 
     @staticmethod
-    def forward(ctx, x, forward, backward, group):
-        ctx.how = backward, group
-        return _moving(x, forward, group)
+    def forward(ctx, x, forward, backward):
+        ctx.backward = backward
+        return forward(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _moving(grad, *ctx.how), None, None, None
-
-def _moving(x, what, group):
-    t, rank = nanosp.group_size(group), nanosp.group_rank(group)
-    if what == "gather":
-        return nanosp.all_gather_sequence(x, group)
-    return {"slice": lambda: x.chunk(t)[rank].contiguous(), "-": lambda: x.view_as(x),
-            "mask": lambda: x.clone() if rank == 0 else torch.zeros_like(x)}[what]()
+        return ctx.backward(grad), None, None
 
 def along(x, dims, index, fn, size):
     """fn applied along factor `index` of x (dims: its factors, size: theirs), moved to dim 0 and back: a split,
@@ -935,24 +888,12 @@ def along(x, dims, index, fn, size):
     y = fn(x.reshape(*x.shape[:d], *sizes, *x.shape[d + 1:]).movedim(d + j, 0)).movedim(0, d + j)
     return y.reshape(*y.shape[:d], math.prod(y.shape[d:d + len(sizes)]), *y.shape[d + len(sizes):]).contiguous()
 
-def regathered(shard, gather):
-    """What ops keep for backward of a gathered tensor instead of it: its shard, gathered again when backward first
-    needs it, once however many ops keep it (as nanosp's LinearWithSequenceGather does)."""
-    shard = shard.detach()
-
-    @functools.cache
-    def whole():
-        with torch.no_grad():
-            return gather(shard)
-    return whole
-
 def _regathering(kept):
-    """Within an op, a saved tensor that views a gathered one is kept as its regathered shard and rebuilt in
-    backward by its strides. kept: [(gathered tensor, regathered)]."""
-    holders = {x.untyped_storage().data_ptr(): holder for x, holder in kept}
-
+    """Within an op, a saved tensor that views a gathered one is kept as the shard it was gathered from, gathered
+    again when backward first needs it (once however many ops keep it, as nanosp's LinearWithSequenceGather does)
+    and rebuilt by its strides. kept: {the gathered tensor's storage: its gathering again}."""
     def pack(x):
-        holder = holders.get(x.untyped_storage().data_ptr())
+        holder = kept.get(x.untyped_storage().data_ptr())
         return x if holder is None else (holder, x.shape, x.stride(), x.storage_offset())
 
     def unpack(packed):
@@ -961,8 +902,8 @@ def _regathering(kept):
 
 class Sharded(torch.nn.Module):
     """A module run as a plan says on this rank of `group`: its parameters sliced, the traced graph interpreted op
-    by op on the local shards, the plan's moves in between. Called with the full inputs (the same on every rank),
-    it returns the full outputs."""
+    by op, the plan's moves in between. Called with the full inputs (the same on every rank), it returns the full
+    outputs."""
 
     def __init__(self, module, plan, group):
         super().__init__()
@@ -997,14 +938,14 @@ class Sharded(torch.nn.Module):
         env, moved, holders = dict(self.local) | self.constants, {}, {}
         env.update((v, self._part(x, v)) for v, x in zip(g.inputs, inputs))  # the full inputs to this rank's
         for op in g.ops:
-            choice, local, kept = plan.choices[op.name], {}, []
+            choice, local, kept = plan.choices[op.name], {}, {}
             for x in dict.fromkeys(_nodes((op.node.args, op.node.kwargs))):
                 local[x.name], chain = self._read(x.name, read_of(g, op, choice, x.name, plan.constraint), env, moved)
                 if chain and chain[-1].name == "regather":  # kept as the shard its gather started from
-                    if (x.name, chain) not in holders:
-                        gather = functools.partial(self._move, v=x.name, move=chain[-2])
-                        holders[x.name, chain] = regathered(moved[x.name, chain[:-2]], gather)
-                    kept.append((local[x.name], holders[x.name, chain]))
+                    if (x.name, chain) not in holders:  # gathered again in backward: once, without a gradient
+                        again = functools.partial(self._move, moved[x.name, chain[:-2]].detach(), x.name, chain[-2])
+                        holders[x.name, chain] = functools.cache(torch.no_grad()(again))
+                    kept[local[x.name].untyped_storage().data_ptr()] = holders[x.name, chain]
             target, args = _local_shapes(op, list(_local(op.node.args, local, inputs[0].device)),
                                          [plan.placements.get(o) for o in op.outputs], g, plan.t)
             with _regathering(kept) if kept else contextlib.nullcontext():
@@ -1034,11 +975,18 @@ class Sharded(torch.nn.Module):
             return x
         group, g = self.group, self.plan.graph
         t, rank = nanosp.group_size(group), nanosp.group_rank(group)
+
+        def gather(y):
+            return nanosp.all_gather_sequence(y, group)
+
+        def mine(y):  # this rank's rows, to be gathered again
+            return y.chunk(t)[rank].contiguous()
         fn = {"f": lambda y: nanosp.f(y, group), "f̄": lambda y: nanosp.f_bar(y, group),
               "g": lambda y: nanosp.g(y, group), "ḡ": lambda y: nanosp.g_bar(y, group),
-              "gather": lambda y: Moving.apply(y, "gather", "slice", group),
-              "split": lambda y: Moving.apply(y, "slice", "gather", group),
-              "slice": lambda y: y.chunk(t)[rank], "partial": lambda y: Moving.apply(y, "mask", "-", group)}[move.name]
+              "gather": lambda y: Moving.apply(y, gather, mine), "split": lambda y: Moving.apply(y, mine, gather),
+              "slice": lambda y: y.chunk(t)[rank],  # partial: rank 0's as partial sums, zeros elsewhere
+              "partial": lambda y: Moving.apply(y, lambda z: torch.zeros_like(z) if rank else z.clone(),
+                                                lambda z: z)}[move.name]
         return along(x, g.values[v].dims, move.index, fn, g.idx.size) if move.index else fn(x)
 
     def _part(self, x, v):
@@ -1070,12 +1018,12 @@ def _local_shapes(op, args, placements, g, t):
     def local(v, p):
         return [math.prod(g.idx.size[f] // (t if p and f == p.index else 1) for f in d) for d in g.values[v].dims]
     o = next(o for o in op.outputs if o)
+    out = local(o, placements[0])
     if op.kind in ("view", "reshape", "_unsafe_view", "squeeze", "unflatten"):  # a split dim may be 1 on a rank
-        return torch.ops.aten.reshape.default, [args[0], local(o, placements[0])]
+        return torch.ops.aten.reshape.default, [args[0], out]
     if op.kind == "expand":
-        args[1] = local(o, placements[0])
+        args[1] = out
     elif op.kind in ("repeat", "repeat_interleave"):  # each rank its share of the copies: its output over its input
-        out = local(o, placements[0])
         copies = [n // m for n, m in zip(out, [1] * (len(out) - args[0].dim()) + [*args[0].shape])]
         args[1] = copies if op.kind == "repeat" else copies[named_args(op.node)["dim"] % args[0].dim()]
     elif op.kind in ("split", "split_with_sizes"):
@@ -1086,8 +1034,7 @@ def _local_shapes(op, args, placements, g, t):
 
 shard = Sharded  # shard(module, plan, group): module run as `plan` on this rank of `group` (of size plan.t)
 
-# ----------------------------------------------------------------------------------------------
-# python autoshard.py: the rules, and nanosp's Block rediscovered
+# python autoshard.py: the rules, and nanosp's Block rediscovered ------------------------------
 
 def print_rules():
     print("An op split along index i reads each input that holds i split, S(i), and the others whole, R; its output is "
