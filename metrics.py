@@ -64,13 +64,15 @@ class Metrics:
 
 
 def summary(run):
-    """The run in one line, said before the first step."""
+    """The run in one line, said before the first step, then what the planner noted of each length (with
+    sdpa: that selective has little to save)."""
     args, cfg = run.args, run.cfg
     recompute = f"for {args.activation_budget:,} bytes" if run.plans else cfg.recompute
     lengths = "/".join(map(str, run.seq_lens))
+    notes = "".join(f"\nT={T}: {plan.note}" for T, plan in run.plans.items() if plan.note)
     return (f"tp={run.t} dp={run.dp} sequence_parallel={cfg.sequence_parallel} recompute={recompute} "
             f"attention={cfg.attention}, {cfg.n_layer} layers x {cfg.n_embd}, batch {args.batch_size} x {lengths} "
-            f"tokens in {args.grad_accum} micro-steps, {run.device}, {args.dtype}")
+            f"tokens in {args.grad_accum} micro-steps, {run.device}, {args.dtype}" + notes)
 
 
 def progress_line(r, max_steps, planned=False):

@@ -39,14 +39,13 @@ import math
 import os
 import signal
 import socket
-import sys
 from datetime import timedelta
 
 
 def stopped_before_the_steps(signum, frame):  # SIGTERM or Ctrl-C before the steps (guards.StopSignals then)
+    line = f"train.py: stopped by {signal.Signals(signum).name} before the first step; nothing was written\n"
     if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for every rank; there is nothing to save
-        print(f"train.py: stopped by {signal.Signals(signum).name} before the first step; nothing was written",
-              file=sys.stderr, flush=True)
+        os.write(2, line.encode())  # stderr, unbuffered: the process ends on the next line
     os._exit(128 + signum)
 
 
@@ -75,9 +74,8 @@ MULTI_NODE = """multi-node (the same command on every node; HOST runs the rendez
   torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB \\
       train.py --preset gpt2 --tp 8 --sequence-parallel --recompute selective --dtype bfloat16
 
-exit codes: 0 done, 1 failed, 2 bad option or file, 3 diverged (a non-finite loss or gradient
-norm), 130 / 143 stopped by SIGINT / SIGTERM after writing the checkpoint of the last step (before
-the first step: at once, nothing written)"""
+exit codes: 0 done, 1 failed, 2 bad option or file, 3 diverged (a non-finite loss or gradient norm),
+130 / 143 stopped by SIGINT / SIGTERM after writing the checkpoint of the last step (before the first: none)"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -202,6 +200,8 @@ class Run:
     t: int                     # tensor-parallel size
     dp: int                    # data-parallel size
     rank: int
+    dp_rank: int               # which data-parallel replica this rank belongs to
+    rows: int                  # sequences per micro-step per data-parallel replica
     device: torch.device
     ckpt_path: str             # OUT_DIR/ckpt.pt, or FROM/ckpt.pt when sampling
     ckpt: dict | None          # the checkpoint resumed or sampled from
@@ -219,14 +219,6 @@ class Run:
     lock: guards.DirectoryLock | None  # rank 0's, on --out-dir
     signals: guards.StopSignals        # installed while the steps run
 
-    @property
-    def dp_rank(self):  # which data-parallel replica this rank belongs to
-        return self.rank // self.t
-
-    @property
-    def rows(self):  # sequences per micro-step per data-parallel replica
-        return self.args.batch_size // (self.dp * self.args.grad_accum)
-
 
 def build_run(args, world, rank):
     """Checks the options and reads the files, cheap checks first; the last check makes --out-dir,
@@ -235,6 +227,7 @@ def build_run(args, world, rank):
     checks.check_options(args)
     device = checks.pick_device(args)
     t, dp = checks.check_layout(args, world)
+    rows = args.batch_size // (dp * args.grad_accum)
     ckpt_path = os.path.join(args.from_dir if args.sample else args.out_dir, "ckpt.pt")
     ckpt, pretrained = checks.read_sources(args, ckpt_path)
     cfg = model_config(args, ckpt, ckpt_path, pretrained)
@@ -248,7 +241,7 @@ def build_run(args, world, rank):
         prompt = list(args.prompt.encode()) if tokenizer is None else tokenizer.encode(args.prompt, "--prompt")
     else:
         checks.check_sequences(cfg, t, seq_len, seq_lens)
-        plans = checks.budget_plans(args, cfg, t, args.batch_size // (dp * args.grad_accum), seq_lens)
+        plans = checks.budget_plans(args, cfg, t, rows, seq_lens)
         data = checks.read_data(args.data, tokenizer, longest=max(seq_len, *seq_lens))
         if args.init and init is None:
             init = checks.read_init_file(args, cfg)
@@ -256,8 +249,8 @@ def build_run(args, world, rank):
     tp_group, dp_group, peers = setup_distributed(device, t, dp, rank, args.timeout)
     lock = guards.DirectoryLock(args.out_dir) if rank == 0 and not args.sample else None  # held until the end
     source = f"checkpoint {ckpt_path}" if ckpt else args.from_dir if args.sample else f"--init {args.init}"
-    return Run(args, cfg, t, dp, rank, device, ckpt_path, ckpt, init, source, tokenizer, prompt, seq_len,
-               seq_lens, plans, data, tp_group, dp_group, peers, lock, guards.StopSignals())
+    return Run(args, cfg, t, dp, rank, rank // t, rows, device, ckpt_path, ckpt, init, source, tokenizer, prompt,
+               seq_len, seq_lens, plans, data, tp_group, dp_group, peers, lock, guards.StopSignals())
 
 
 def setup_distributed(device, t, dp, rank, timeout):
@@ -321,9 +314,8 @@ def make_optimizer(masters, args):
 
 
 def grad_norm(model, masters):
-    """The gradient norm of the unsharded model, identical on every rank of the TP group.
-    model.shard_dims names the sharded parameters (the vocab-parallel embedding, column-parallel
-    weights and biases, row-parallel weights); the rest are replicated on every rank."""
+    """The gradient norm of the unsharded model, identical on every rank of the TP group; the
+    sharded parameters are those model.shard_dims names."""
     sharded, replicated = (torch.zeros((), dtype=torch.float64, device=model.wpe.weight.device) for _ in "ab")
     for name, p in masters.items():
         (sharded if name in model.shard_dims else replicated).add_(p.grad.double().pow(2).sum())
@@ -470,9 +462,6 @@ def train(run):
     start = resume(run, model, masters, optimizer)
     stop = args.max_steps if args.stop_after is None else min(args.max_steps, args.stop_after)
     say(run, metrics.summary(run))
-    for T, plan in run.plans.items():  # what the planner saw (with sdpa: selective has little to save)
-        if plan.note:
-            say(run, f"T={T}: {plan.note}")
     guard = guards.StepGuard(run.signals, saved=start if run.ckpt else None)
     with guards.open_log(args.out_dir, start, run.rank, args.timeout) as log:
         meter = metrics.Metrics(run, model, log)
@@ -545,8 +534,6 @@ def main(argv=None):
         if run is not None:  # after the checks, not a bad option or file: a bug, with its traceback
             raise
         guards.fail(e, rank)
-    except KeyboardInterrupt:  # Ctrl-C before the steps began (then it is noted): nothing to save
-        guards.fail(guards.Stopped(signal.SIGINT), rank, run.peers if run else ())
     finally:
         if run is not None:
             run.signals.restore()
