@@ -380,7 +380,8 @@ class Graph:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.module, self.names = type(module).__name__, _dim_names(inputs, dims)
         self.shapes_in = [x.shape for x in inputs]
-        self.element_size = next((x.element_size() for x in inputs if x.is_floating_point()), 4)
+        floating = [x for x in (*inputs, *module.parameters()) if x.is_floating_point()]  # ids in: the weights' size
+        self.element_size = floating[0].element_size() if floating else 4
         self.ep = trace(module, inputs)
         self.idx, self.values, self.ops, self.constants, self.inputs, self.memo = Indices(), {}, [], [], [], {}
         for s in self.ep.graph_signature.output_specs:
@@ -782,8 +783,9 @@ def discover(module, example_inputs, t, dims=None, constraint="weights"):
     """The plan that sends the fewest bytes per rank (ring algorithm, forward and backward) under the constraint
     (CONSTRAINTS); ties go to fewer activation bytes kept. module (unsharded) and example_inputs may be on the meta
     device: nothing is computed. dims names each input's dimensions, e.g. ("T B C",); a 3-D input defaults to
-    "B T C". Bytes are at the inputs' element size; the module is priced as one of a stack of identical blocks (its
-    output returns to its input's placement: replicated, or split along T under "activations"); shard()'s
+    "B T C". Bytes are at the floating inputs' element size (ids in: the weights'); the module is priced as one of a
+    stack of identical blocks (its output returns to its input's placement: replicated, or split along T under
+    "activations"); shard()'s
     conversions from and to full tensors are not. The plan applies to any module of the same parameters."""
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint={constraint!r} is not one of {tuple(CONSTRAINTS)}")
@@ -910,8 +912,9 @@ class Sharded(torch.nn.Module):
         g, t = plan.graph, nanosp.group_size(group)
         if t != plan.t:
             raise ValueError(f"the group has {t} ranks; the plan was discovered for t={plan.t}")
-        self.plan, self.group, self.local = plan, group, torch.nn.ParameterDict()
-        full = dict(module.named_parameters()) | dict(module.named_buffers())
+        self.plan, self.group, self.local, self.names = plan, group, torch.nn.ParameterDict(), {}
+        full = dict(module.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
+        full |= dict(module.named_buffers(remove_duplicate=False))
         for v in (v for v in g.values.values() if v.kind == "parameter"):
             w, want = full.get(v.target), g.ep.state_dict[v.target]
             if w is None or w.shape != want.shape or w.is_meta or w.dtype != want.dtype:
@@ -919,6 +922,7 @@ class Sharded(torch.nn.Module):
                 raise ValueError(f"{type(module).__name__} does not fit the plan: parameter {v.target} is {got}; the "
                                  f"plan's is {v.shape} {want.dtype}")
             self.local[v.name] = torch.nn.Parameter(self._part(w.detach(), v.name).clone(), w.requires_grad)
+            self.names[v.name] = [n for n, x in full.items() if x is w]
         self.constants = {v.name: full.get(v.target, g.ep.constants.get(v.target)) for v in g.values.values()
                           if v.kind == "constant" and v.target}  # buffers and tensor constants (not made by ops)
         if any(c.is_meta for c in self.constants.values()):
@@ -999,10 +1003,12 @@ class Sharded(torch.nn.Module):
         return x if p == R else self._move(x, v, Move("f̄") if p == P else Move("gather", p.index))
 
     def full_grads(self):
-        """Collective: {the module's parameter name: its unsharded gradient (None if it has none)}, every rank."""
-        g, placements = self.plan.graph, self.plan.placements
-        return {g.values[v].target: self._full(w.grad.detach(), v, placements.get(v, R)).clone()
-                if w.grad is not None else None for v, w in self.local.items()}
+        """Collective: {each of the module's parameter names: its unsharded gradient (None if it has none)}, every
+        rank; a tied weight's under each of its names."""
+        placements = self.plan.placements
+        grads = {v: self._full(w.grad.detach(), v, placements.get(v, R)).clone() if w.grad is not None else None
+                 for v, w in self.local.items()}
+        return {name: grads[v] for v in grads for name in self.names[v]}
 
 def _bind(env, outs, result):
     """An op's results into env under its outputs' names (None: unused)."""

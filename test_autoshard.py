@@ -4,9 +4,10 @@ runs it equal to the unsharded module.
 The models are plain torch (a Llama block, a GPT-J parallel block, a stack of four linears, a narrow MLP,
 grouped-query attention written out, a mean over a wide layer, a Mistral block, timm's ViT block, a block of
 chunk, einsum and GEGLU), Hugging Face's GPT2Block and LlamaDecoderLayer as transformers ships them, and
-nanosp's own Block, its attention written out or through SDPA. The optimum of each is derived by hand in its test; N is the bytes of the block's
-activation (B T C at the inputs' element size), and a rank sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an
-all-gather or a reduce-scatter.
+nanosp's own Block, its attention written out or through SDPA. The optimum of each is derived by hand in its
+test; N is the bytes of the block's activation (B T C at the inputs' element size), and a rank sends 2(t-1)/t N
+for an all-reduce, (t-1)/t N for an all-gather or a reduce-scatter. A whole GPT with tied embeddings (ids in,
+logits out) shards equal too, its tied weight's gradient under both of its names.
 
 Equivalence runs in one world of 4 gloo processes, started once for this file (test_nanosp's World): each rank
 discovers the plan on a meta-device copy, shards a real float64 module with it, and compares outputs, input
@@ -735,6 +736,76 @@ def test_shard_of_nanosp_block_equals_nanosps_hand_sharded_block(world, t, seque
     for errors in world.run(task_nanosp_block, t=t, sequence_parallel=sequence_parallel, attention=attention):
         if errors is not None:
             assert max(errors) < TOL, errors
+
+
+class TiedGPT(nn.Module):
+    """A whole model, ids in and logits out: token and position embeddings, blocks, and a head that is the token
+    embedding (tied, as GPT-2's): one parameter under two names."""
+    def __init__(self, V, T, C, H, n_layer=2):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+        self.h = nn.ModuleList(NanoGPTLikeBlock(C, H) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.lm_head = nn.Linear(C, V, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class NanoGPTLikeBlock(nn.Module):  # nanoGPT's block: fused qkv split by size, causal sdpa, GELU MLP
+    def __init__(self, C, H):
+        super().__init__()
+        self.H, self.ln_1, self.ln_2 = H, nn.LayerNorm(C), nn.LayerNorm(C)
+        self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (z.view(B, T, self.H, C // self.H).transpose(1, 2) for z in self.c_attn(self.ln_1(x)).split(C, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln_2(x))
+
+
+def task_tied_gpt(ctx, t, constraint):
+    """A whole tied-embedding GPT on integer ids (dims 'B T'): logits and full_grads() under both of the tied
+    weight's names against the unsharded model, and the collectives run against the plan's."""
+    group = ctx.group(t)
+    if ctx.rank >= t:
+        return None
+    V, T, C, H = 8 * t, 4 * t, 8 * t, t
+    torch.manual_seed(3)
+    model = TiedGPT(V, T, C, H).double()
+    idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(4))
+    plan = autoshard.discover(model, (idx,), t, dims=("B T",), constraint=constraint)
+    sharded = autoshard.shard(model, plan, group)
+    w = torch.randn(2, T, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (model(idx) * w).sum().backward()
+    with ledgers.collective_log() as forward:
+        logits = sharded(idx)
+    with ledgers.collective_log() as backward:
+        (logits * w).sum().backward()
+    ran = sorted([("forward", op, n) for _, _, op, n in forward] + [("backward", op, n) for _, _, op, n in backward])
+    grads, want = sharded.full_grads(), dict(model.named_parameters(remove_duplicate=False))
+    errors = {"logits": rel_err(logits, model(idx))} | {n: rel_err(grads[n], p.grad) for n, p in want.items()}
+    out = plan.placements[plan.graph.outputs[0]]  # shard's own (not priced): the logits made whole
+    own = {"P": [("forward", "all-reduce", logits.numel() * 8)], "S": [("forward", "all-gather", logits.numel() * 8)]}
+    return errors, sorted(grads) == sorted(want), ran == sorted(plan.collectives + own.get(out.kind, []))
+
+
+@pytest.mark.parametrize("constraint", ["weights", "activations"])
+@pytest.mark.parametrize("t", [2, 4])
+def test_a_whole_gpt_with_tied_embeddings_shards_equal(world, t, constraint):
+    for result in world.run(task_tied_gpt, t=t, constraint=constraint):
+        if result is not None:
+            errors, every_name, same = result
+            assert every_name, "full_grads() must name the tied weight under both of its names"
+            assert same, "the collectives run differ from the plan's"
+            assert max(errors.values()) < TOL, errors
 
 
 def task_shard_errors(ctx):
