@@ -811,8 +811,12 @@ def solve(g, t, constraint):  # discover's search, on a traced Graph
     if found is None:
         stuck = [f"{v.target} {v.shape}" for v in g.values.values()
                  if v.kind == "parameter" and len(v.shape) > 1 and not any(n % t == 0 for n in v.shape)]
+        twice = [f"{v.target} {v.shape}" for v in g.values.values()  # x + W x: W's output and input are one index
+                 if v.kind == "parameter" and v.dims and len(set(v.dims)) < len(v.dims)]
         raise ValueError(f"no plan for {g.module} meets constraint={constraint!r} at t={t}"
-                         + (f": {stuck[0]} has no dimension t divides" if stuck else ""))
+                         + (f": {stuck[0]} has no dimension t divides" if stuck else "")
+                         + (f": {twice[0]} has one index on two axes (added to its own input?), so no split of it is"
+                            f" a column or a row; constraint='none' replicates it" if twice and not stuck else ""))
     return account(g, t, constraint, first, found)
 
 # the plan -------------------------------------------------------------------------------------

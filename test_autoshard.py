@@ -583,6 +583,15 @@ class Cumsum(nn.Module):
         return self.lin(x).cumsum(1)
 
 
+class Residual(nn.Module):  # x + W x: W's rows and columns are one index (not yet planned)
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -609,6 +618,7 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
     (lambda: autoshard.discover(nn.Linear(8, 8), (3.0,), 2), r"example input 0 is a float"),
     (lambda: autoshard.discover(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)), (meta(2, 4, 8),), 2), r"dropout p=0.1"),
     (lambda: autoshard.discover(nn.Linear(6, 6), (meta(3, 4, 6),), 4), r"no plan for Linear meets constraint='weights'"),
+    (lambda: autoshard.discover(Residual(), (meta(2, 4, 8),), 2), r"lin.weight \(8, 8\) has one index on two axes"),
 ])
 def test_bad_input_is_one_line_value_error(call, message):
     with pytest.raises(ValueError, match=message) as e:
