@@ -9,7 +9,7 @@ test; N is the bytes of the block's activation (B T C at the inputs' element siz
 for an all-reduce, (t-1)/t N for an all-gather or a reduce-scatter. A whole GPT with tied embeddings (ids in,
 logits out) shards equal too, its tied weight's gradient under both of its names.
 
-Equivalence runs in one world of 4 gloo processes, started once for this file (test_nanosp's World): each rank
+Equivalence runs in one world of 4 gloo processes, started once per test session (test_nanosp's World): each rank
 discovers the plan on a meta-device copy, shards a real float64 module with it, and compares outputs, input
 gradients and full_grads() with the unsharded module, relative to the largest reference element (under 1e-10;
 what remains is reduction order). The collectives shard runs, logged by ledgers.collective_log, equal the plan's.
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import autoshard
 import ledgers
 import nanosp
-from test_nanosp import World
+from test_nanosp import rel_err, world  # noqa: F401 (world: the one gloo world of the session, a fixture)
 
 TOL = 1e-10
 
@@ -628,17 +628,6 @@ def test_bad_input_is_one_line_value_error(call, message):
 
 # ----------------------------------------------------------------------------------------------
 # shard(): on 2 and 4 gloo processes, equal to the unsharded module
-
-
-@pytest.fixture(scope="module")
-def world():
-    w = World()
-    yield w
-    w.close()
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 @st.composite

@@ -33,6 +33,7 @@ import guards
 import ledgers
 import nanosp
 import train
+from test_nanosp import rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -162,10 +163,6 @@ def read_log(out_dir):
 
 def load_ckpt(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-300)).item()
 
 
 @pytest.fixture(scope="module")
