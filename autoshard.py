@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import itertools
 import math
 import operator
 import os
@@ -111,20 +112,27 @@ class Indices:
         return self.alias[f]
 
     def unify(self, a, b, where):
-        a, b = list(self.expand(a)), list(self.expand(b))
+        def one(f, h):
+            if f != h:
+                old, new = sorted((f, h), key=self.born.get)
+                self.alias[new] = (old,)
+        return self.pairs(a, b, where, one)
+
+    def pairs(self, a, b, where, each=lambda f, h: None):
+        """The factors of dims a and b side by side, each cut where the other has a boundary: [(of a, of b)]."""
+        a, b, found = list(self.expand(a)), list(self.expand(b)), []
         if math.prod(map(self.size.get, a)) != math.prod(map(self.size.get, b)):
             raise ValueError(f"{where}: dimensions {a} and {b} differ in size")
         while a and b:
             a[:1], b[:1] = self.expand(a[:1]), self.expand(b[:1])  # an earlier step may have cut them
-            a, b = (b, a) if self.size[a[0]] < self.size[b[0]] else (a, b)
-            if self.size[a[0]] % self.size[b[0]]:
+            big, small = (b, a) if self.size[a[0]] < self.size[b[0]] else (a, b)
+            if self.size[big[0]] % self.size[small[0]]:
                 raise ValueError(f"{where}: dimensions of {a[0]} and {b[0]} cannot be one index")
-            if self.size[a[0]] > self.size[b[0]]:
-                a[:1] = self.cut(a[0], self.size[b[0]])
-            if a[0] != b[0]:
-                old, new = sorted((a[0], b[0]), key=self.born.get)
-                self.alias[new] = (old,)
-            del a[0], b[0]
+            if self.size[big[0]] > self.size[small[0]]:
+                big[:1] = self.cut(big[0], self.size[small[0]])
+            found.append((a.pop(0), b.pop(0)))
+            each(*found[-1])
+        return found
 
     def regroup(self, dims, shape):
         """dims' factors in order grouped into the dimensions of `shape` (a view), cutting a factor a new boundary
@@ -153,6 +161,7 @@ class Law(NamedTuple):
     saves: tuple = ()       # inputs it keeps for backward; "out": its output
     new: tuple = ()         # dims of tensors it makes and keeps (a norm's statistics)
     view: bool = False      # elementwise or a view: keeps its inputs' placement when it can
+    twins: dict = {}        # {input: {index of the output: its twin in that input}} (Graph.join)
 
 def _fresh(g, shape, stem):
     return [(g.idx.new(f"{stem}:{k}", n),) if n > 1 else () for k, n in enumerate(shape)]
@@ -165,7 +174,7 @@ def _align(g, node, out, xs, cut=0):
         for k, (n, d) in enumerate(zip(g.shape(x)[:kept][::-1], g.dims(x)[:kept][::-1]), 1):
             if n > 1:
                 out[-k] = out[-k] or d
-                g.idx.unify(out[-k], d, source(node))
+                g.join(source(node), (node.name, x.name), out[-k], d)
     return out
 
 def _pointwise(saves, linear):
@@ -384,6 +393,7 @@ class Graph:
         self.element_size = floating[0].element_size() if floating else 4
         self.ep = trace(module, inputs)
         self.idx, self.values, self.ops, self.constants, self.inputs, self.memo = Indices(), {}, [], [], [], {}
+        self.twins = []
         for s in self.ep.graph_signature.output_specs:
             if s.kind.name != "USER_OUTPUT":
                 raise ValueError(f"{self.module} writes {s.target} in its forward: a sharded run cannot")
@@ -398,7 +408,7 @@ class Graph:
         x, y = self.values[self.inputs[0]], self.values.get(self.outputs[0])
         self.aligned = y is not None and y.shape == x.shape and y.kind == "activation"
         for d, e in zip(y.dims, x.dims) if self.aligned else ():  # one of a stack: its output is the next input
-            self.idx.unify(d, e, f"{self.module}'s output and input")
+            self.join(f"{self.module}'s output and input", ("output",), e, d)
         self._freeze()
         self.sequence = x.dims[self.names[0].index("T")] if "T" in self.names[0] else ()
 
@@ -411,6 +421,18 @@ class Graph:
 
     def shape(self, node):
         return tuple(node.meta["val"].shape)
+
+    def join(self, where, key, a, b):
+        """Unify dim a of an op's output with dim b of an input that it aligns elementwise (key: op, input). But if
+        that would put one index on two axes of a weight (x + W x: W's rows and columns), they stay two indices, b
+        the twin of a in that input: the op split along a reads it split along b."""
+        E = self.idx.expand
+        if set(E(a)) != set(E(b)) and any(set(E(d)) & set(E(a)) and set(E(e)) & set(E(b))
+                                          for v in self.values.values() if v.kind == "parameter" and v.dims
+                                          for d, e in itertools.permutations(v.dims, 2)):
+            self.twins.append((where, key, a, b))
+        else:
+            self.idx.unify(a, b, where)
 
     def _leaf(self, node, spec):
         val, i = node.meta["val"], len(self.inputs)
@@ -455,9 +477,16 @@ class Graph:
 
     def _freeze(self):
         """Every dim in its finest factors; the laws in value names and index sets; what is live when."""
-        E = self.idx.expand
+        E, cuts = self.idx.expand, -1
+        while cuts != len(self.idx.alias):  # twins cut alike: an index cut on one side is cut on the other
+            cuts = len(self.idx.alias)
+            twins = [(key, self.idx.pairs(a, b, where)) for where, key, a, b in self.twins]
         for v in self.values.values():
             v.dims = [E(d) for d in self.dims(v)]
+        self.renames = {}
+        for (op, *read), pairs in twins:
+            self.renames.setdefault(op, {}).setdefault(read[0] if read else None, {}).update(pairs)
+        self.out_twin = self.renames.get("output", {}).get(None, {})  # input 0's index -> the output's
 
         def names(xs):
             return frozenset(getattr(x, "name", x) for x in xs if x is not None)
@@ -468,7 +497,7 @@ class Graph:
         self.ops = [op._replace(law=op.law._replace(
             whole=indices(op.law.whole), summed=indices(op.law.summed), affine=names(op.law.affine),
             saves=names(op.law.saves), linear=tuple(names(gr) for gr in op.law.linear if gr),
-            new=tuple([E(d) for d in ds] for ds in op.law.new))) for op in self.ops]
+            new=tuple([E(d) for d in ds] for ds in op.law.new), twins=self.renames.get(op.name, {}))) for op in self.ops]
         self.last_read, born = {}, {self.inputs[0]: 0}
         for k, op in enumerate(self.ops):
             for v in op.inputs:
@@ -635,8 +664,9 @@ def choices(g, k, t, live):
 def read_of(g, op, choice, v, constraint):
     """How op, run as `choice`, reads value v."""
     law, partial_out = op.law, choice.partial is not None or choice.index in op.law.summed
-    if choice.index is not None and choice.index in g.values[v].factors:
-        rd = Read(S(choice.index), S(choice.index))
+    index = law.twins.get(v, {}).get(choice.index, choice.index)  # its twin in v (Graph.join)
+    if choice.index is not None and index in g.values[v].factors:
+        rd = Read(S(index), S(index))
     elif choice.partial is not None and v in law.linear[choice.partial] or partial_out and v in law.affine:
         rd = Read(P, R)
     else:  # read whole by a split op, each rank sends back its part of the gradient: P
@@ -684,6 +714,8 @@ def step(g, t, constraint, k, choice, entries):
 def returning(g, first, v, p):
     """An output's last read: the module's output returns to its input's placement; any other is taken as it is."""
     back = first if g.aligned and v == g.outputs[0] else p
+    if back.kind == "S" and g.aligned and v == g.outputs[0]:  # input 0's index, or its twin in the output
+        back = S(g.out_twin.get(back.index, back.index))
     return Read(back, grad_placement(back))
 
 def search(g, t, constraint, start, stop, states):
@@ -811,11 +843,11 @@ def solve(g, t, constraint):  # discover's search, on a traced Graph
     if found is None:
         stuck = [f"{v.target} {v.shape}" for v in g.values.values()
                  if v.kind == "parameter" and len(v.shape) > 1 and not any(n % t == 0 for n in v.shape)]
-        twice = [f"{v.target} {v.shape}" for v in g.values.values()  # x + W x: W's output and input are one index
+        twice = [f"{v.target} {v.shape}" for v in g.values.values()  # W (W x): W's output and input are one index
                  if v.kind == "parameter" and v.dims and len(set(v.dims)) < len(v.dims)]
         raise ValueError(f"no plan for {g.module} meets constraint={constraint!r} at t={t}"
                          + (f": {stuck[0]} has no dimension t divides" if stuck else "")
-                         + (f": {twice[0]} has one index on two axes (added to its own input?), so no split of it is"
+                         + (f": {twice[0]} has one index on two axes (applied to its own output?), so no split of it is"
                             f" a column or a row; constraint='none' replicates it" if twice and not stuck else ""))
     return account(g, t, constraint, first, found)
 

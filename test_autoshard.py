@@ -266,6 +266,20 @@ def nanosp_block(C, H, T, attention="explicit"):
 
 
 # name: (build(B, T, C, H) -> module, the input's dims)
+class ResidualLinears(nn.Module):
+    """x + gelu(W x + b), four times: each W's output is added to its own input, so that its rows and columns would
+    be one index; the last adds it the other way round, its input second."""
+
+    def __init__(self, C, n=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(C, C) for _ in range(n))
+
+    def forward(self, x):
+        for k, lin in enumerate(self.layers):
+            x = x + F.gelu(lin(x)) if k < len(self.layers) - 1 else F.gelu(lin(x)) + x
+        return x
+
+
 MODELS = {
     "llama": (lambda B, T, C, H: Llama(C, H, 3 * C // 2, T), None),
     "gptj": (lambda B, T, C, H: GPTJ(C, H, T), None),
@@ -278,6 +292,7 @@ MODELS = {
     "vit": (lambda B, T, C, H: ViT(C, H).eval(), None),
     "chunkeinsum": (lambda B, T, C, H: ChunkEinsum(C, H, T), None),
     "hfllama": (lambda B, T, C, H: HFLlama(C, H, T), None),
+    "residual": (lambda B, T, C, H: ResidualLinears(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
     "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
 }
@@ -384,6 +399,27 @@ def test_a_stack_of_four_linears_pairs_them_column_then_row(t):
     assert sorted(sp.collectives) == collectives(
         ("forward", "all-gather", N, 2), ("forward", "reduce-scatter", N, 2), ("backward", "reduce-scatter", N, 2),
         ("backward", "all-gather", N, 4))
+
+
+@pytest.mark.parametrize("t", TS)
+def test_linears_added_to_their_own_inputs_split_as_columns_then_rows(t):
+    """x + gelu(W x + b), four times (W square: its output is added to its input). The first reads x whole:
+    column-parallel, f, its output split along C (x sliced to it for free). Each next one reads that split
+    input as a row-parallel linear, its partial sums reduce-scattered back to split along C (ḡ: 2); the
+    output returns whole (all-gather, 1): 2 + 3 x 2 + 1 = 9 (t-1)/t N. Split activations: x gathered (g: 2),
+    the first linear's input kept split and gathered again in backward (1), the three rows (6), the output
+    returned to split along T (g: 2): 11."""
+    plan = plan_of("residual", t=t)
+    assert split_dim(plan, "layers.0.weight") == (0, C)
+    assert all(split_dim(plan, f"layers.{i}.weight") for i in range(4))
+    assert sorted(plan.collectives) == collectives(
+        ("backward", "all-reduce", N, 1), ("forward", "reduce-scatter", N, 3), ("backward", "all-gather", N, 3),
+        ("forward", "all-gather", N, 1))
+    sp = plan_of("residual", t=t, constraint="activations")
+    assert sorted(sp.collectives) == collectives(
+        ("forward", "all-gather", N, 2), ("backward", "reduce-scatter", N, 2), ("backward", "all-gather", N, 4),
+        ("forward", "reduce-scatter", N, 3))
+    assert sp.bytes_sent == 11 * N * (t - 1) // t
 
 
 @pytest.mark.parametrize("t", TS)
@@ -528,11 +564,13 @@ class TwoBranches(nn.Module):
 
 
 @pytest.mark.parametrize("model, constraint", [("narrow", "weights"), ("narrow", "activations"),
-                                               ("two", "weights"), ("two", "activations"), ("mlp4", "weights")])
+                                               ("two", "weights"), ("two", "activations"), ("mlp4", "weights"),
+                                               ("residual", "weights"), ("residual", "activations")])
 def test_the_dynamic_programme_finds_the_least_bytes_of_every_choice(model, constraint):
     """Every choice of every op, priced one by one: none sends fewer bytes than discover's plan."""
     with torch.device("meta"):
-        module, C = {"narrow": (NarrowMLP(16, 4), 16), "two": (TwoBranches(8), 8), "mlp4": (MLPStack(8), 8)}[model]
+        module, C = {"narrow": (NarrowMLP(16, 4), 16), "two": (TwoBranches(8), 8), "mlp4": (MLPStack(8), 8),
+                     "residual": (ResidualLinears(8, 2), 8)}[model]
     t, T = 2, 2 if constraint == "activations" else 3  # B = 1 and an odd T where it may be: fewer choices to price
     plan = autoshard.discover(module, (torch.empty(1, T, C, device="meta"),), t, constraint=constraint)
     g = plan.graph
@@ -583,13 +621,13 @@ class Cumsum(nn.Module):
         return self.lin(x).cumsum(1)
 
 
-class Residual(nn.Module):  # x + W x: W's rows and columns are one index (not yet planned)
+class Twice(nn.Module):  # W (W x): W's rows and columns are one index (not planned)
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x):
-        return x + self.lin(x)
+        return self.lin(self.lin(x))
 
 
 class TwoInputs(nn.Module):
@@ -618,7 +656,7 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
     (lambda: autoshard.discover(nn.Linear(8, 8), (3.0,), 2), r"example input 0 is a float"),
     (lambda: autoshard.discover(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)), (meta(2, 4, 8),), 2), r"dropout p=0.1"),
     (lambda: autoshard.discover(nn.Linear(6, 6), (meta(3, 4, 6),), 4), r"no plan for Linear meets constraint='weights'"),
-    (lambda: autoshard.discover(Residual(), (meta(2, 4, 8),), 2), r"lin.weight \(8, 8\) has one index on two axes"),
+    (lambda: autoshard.discover(Twice(), (meta(2, 4, 8),), 2), r"lin.weight \(8, 8\) has one index on two axes"),
 ])
 def test_bad_input_is_one_line_value_error(call, message):
     with pytest.raises(ValueError, match=message) as e:
