@@ -307,8 +307,8 @@ def _einsum(g, node, a):
     return Law([[letters.get(c, ()) for c in out]], summed=tuple(d for c, d in letters.items() if c not in out),
                linear=tuple((x,) for x in xs) * (len(set(xs)) == len(xs)), saves=tuple(xs))
 
-def _cat(g, node, a):
-    xs, shape, stack = a["tensors"], g.shape(node), op_name(node) == "stack"
+def _cat(g, node, a):  # (a 1-D empty tensor, as a cache starts, is left out, as torch.cat leaves it)
+    xs, shape, stack = [x for x in a["tensors"] if g.shape(x) != (0,)], g.shape(node), op_name(node) == "stack"
     k, out = a["dim"] % len(shape), [()] * len(shape)
     for x in xs:
         for i, d in enumerate(g.dims(x)[:k] + [()] + g.dims(x)[k:] if stack else g.dims(x)):
@@ -841,15 +841,23 @@ def solve(g, t, constraint):  # discover's search, on a traced Graph
     finally:
         gc.enable()
     if found is None:
-        stuck = [f"{v.target} {v.shape}" for v in g.values.values()
-                 if v.kind == "parameter" and len(v.shape) > 1 and not any(n % t == 0 for n in v.shape)]
-        twice = [f"{v.target} {v.shape}" for v in g.values.values()  # W (W x): W's output and input are one index
-                 if v.kind == "parameter" and v.dims and len(set(v.dims)) < len(v.dims)]
-        raise ValueError(f"no plan for {g.module} meets constraint={constraint!r} at t={t}"
-                         + (f": {stuck[0]} has no dimension t divides" if stuck else "")
-                         + (f": {twice[0]} has one index on two axes (applied to its own output?), so no split of it is"
-                            f" a column or a row; constraint='none' replicates it" if twice and not stuck else ""))
+        raise ValueError(f"no plan for {g.module} meets constraint={constraint!r} at t={t}{_why(g, t, constraint)}")
     return account(g, t, constraint, first, found)
+
+def _why(g, t, constraint):
+    """Why no plan meets the constraint, where one weight or one op says why ("" if none does)."""
+    for v in (v for v in g.values.values() if v.kind == "parameter" and len(v.shape) > 1):
+        if not any(n % t == 0 for n in v.shape):
+            return f": {v.target} {v.shape} has no dimension t divides"
+        if len(set(v.dims)) < len(v.dims):  # W (W x): W's output and input are one index
+            return (f": {v.target} {v.shape} has one index on two axes (applied to its own output?), so no split of it"
+                    f" is a column or a row; constraint='none' replicates it")
+    for k, op in enumerate(g.ops if constraint == "activations" else []):
+        if ("out" in op.law.saves or op.law.new) and all(c.index is None for c in options(g, k, t)):
+            shape = g.values[next(o for o in op.outputs if o)].shape
+            return (f": {op.kind} ({source(op.node)}) keeps its output {shape} for backward and cannot split it {t} "
+                    f"ways (no index of it that t divides is one it can split); constraint='weights' keeps it whole")
+    return ""
 
 # the plan -------------------------------------------------------------------------------------
 

@@ -657,6 +657,8 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
     (lambda: autoshard.discover(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)), (meta(2, 4, 8),), 2), r"dropout p=0.1"),
     (lambda: autoshard.discover(nn.Linear(6, 6), (meta(3, 4, 6),), 4), r"no plan for Linear meets constraint='weights'"),
     (lambda: autoshard.discover(Twice(), (meta(2, 4, 8),), 2), r"lin.weight \(8, 8\) has one index on two axes"),
+    (lambda: autoshard.discover(GroupedQuery(16, 4), (meta(2, 4, 16),), 4, constraint="activations"),  # heads (2, 2)
+     r"softmax \(test_autoshard.py:\d+ .*\) keeps its output \(2, 4, 4, 4\) for backward and cannot split it 4 ways"),
 ])
 def test_bad_input_is_one_line_value_error(call, message):
     with pytest.raises(ValueError, match=message) as e:
@@ -843,6 +845,55 @@ def test_a_whole_gpt_with_tied_embeddings_shards_equal(world, t, constraint):
             assert every_name, "full_grads() must name the tied weight under both of its names"
             assert same, "the collectives run differ from the plan's"
             assert max(errors.values()) < TOL, errors
+
+
+class HFModel(nn.Module):
+    """A whole transformers model on ids (its last hidden state out), as from_pretrained would give it, its KV
+    cache (which starts as an empty tensor) on: GPT2Model, or GPTNeoXModel (rotary)."""
+
+    def __init__(self, name, V, C, H, T):
+        super().__init__()
+        import transformers as tf
+        if name == "gpt2":
+            self.model = tf.GPT2Model(tf.GPT2Config(vocab_size=V, n_embd=C, n_head=H, n_layer=2, n_positions=T))
+        else:
+            self.model = tf.GPTNeoXModel(tf.GPTNeoXConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
+                                                          intermediate_size=4 * C, num_hidden_layers=2,
+                                                          max_position_embeddings=T))
+        self.model.eval()
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).last_hidden_state
+
+
+def task_hf_model(ctx, name, t, constraint):
+    group = ctx.group(t)
+    if ctx.rank >= t:
+        return None
+    V, C, H, T = 8 * t, 8 * t, t, 4 * t
+    torch.manual_seed(6)
+    model = HFModel(name, V, C, H, T).double()
+    with torch.no_grad():
+        for p in model.parameters():  # every weight, bias and norm nonzero and not 1
+            p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.3)
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(7))
+    plan = autoshard.discover(model, (ids,), t, dims=("B T",), constraint=constraint)
+    sharded = autoshard.shard(model, plan, group)
+    w = torch.randn(2, T, C, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    (model(ids) * w).sum().backward()
+    y = sharded(ids)
+    (y * w).sum().backward()
+    grads, scale = sharded.full_grads(), max(p.grad.abs().max() for p in model.parameters())
+    return {"output": rel_err(y, model(ids))} | {  # (a key bias's gradient is 0 but for rounding: scaled by all)
+        n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("constraint", ["weights", "activations"])
+@pytest.mark.parametrize("t", [2, 4])
+@pytest.mark.parametrize("name", ["gpt2", "neox"])
+def test_whole_huggingface_models_on_ids_shard_equal(world, name, t, constraint):
+    for errors in world.run(task_hf_model, name=name, t=t, constraint=constraint):
+        assert errors is None or max(errors.values()) < TOL, errors
 
 
 def task_shard_errors(ctx):
