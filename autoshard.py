@@ -52,6 +52,11 @@ def trace(module, inputs):
     except Exception as e:  # export names the Python it could not trace: its first line, as one line
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"torch.export could not trace {type(module).__name__}: {first}") from e
+    if any(op_name(node) in LOSSES for node in ep.graph.nodes if node.op == "call_function"):
+        table = torch.export.default_decompositions()  # only the losses': into ops that have rules
+        for op in [op for op in table.keys() if op.name().split("::")[-1].split(".")[0] not in LOSSES]:
+            del table[op]
+        ep = ep.run_decompositions(table)
     for node in ep.graph.nodes:
         if node.op == "call_function" and op_name(node) in REWRITES:
             node.target, node.args = REWRITES[op_name(node)](*node.args, **node.kwargs)
@@ -59,6 +64,8 @@ def trace(module, inputs):
     return ep
 
 aten = torch.ops.aten
+LOSSES = set("cross_entropy_loss nll_loss nll_loss_nd nll_loss_forward nll_loss2d nll_loss2d_forward mse_loss l1_loss "
+             "smooth_l1_loss huber_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div".split())
 REWRITES = {  # an op: the op it is, and that op's arguments
     "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-x.meta["val"].shape[dim] // n), dim)),  # ceil(d/n)
     "type_as": lambda x, other: (aten.to.dtype, (x, other.meta["val"].dtype)),
@@ -307,6 +314,22 @@ def _einsum(g, node, a):
     return Law([[letters.get(c, ()) for c in out]], summed=tuple(d for c, d in letters.items() if c not in out),
                linear=tuple((x,) for x in xs) * (len(set(xs)) == len(xs)), saves=tuple(xs))
 
+def _gather(g, node, a):
+    """y[.., j, ..] = x[.., index[.., j, ..], ..] along dim k: x's k whole; the other dims x's where their sizes
+    match, whole where index is smaller."""
+    x, ix, k = a["self"], a["index"], a["dim"] % len(g.shape(a["self"]))
+    whole = [g.dims(x)[k]]
+    for d, (m, n) in enumerate(zip(g.shape(x), g.shape(ix))):
+        if d != k and m == n > 1:
+            g.idx.unify(g.dims(x)[d], g.dims(ix)[d], source(node))
+        elif d != k:
+            whole += [g.dims(x)[d], g.dims(ix)[d]]
+    return Law([g.dims(ix)], whole=tuple(whole), linear=((x,),), saves=(ix,))
+
+def _broadcast(g, node, a):  # broadcast_tensors: each input to their one shape
+    xs, shape = a["tensors"], node.meta["val"][0].shape
+    return Law([_align(g, node, [()] * len(shape), xs)] * len(xs), view=True)
+
 def _cat(g, node, a):  # (a 1-D empty tensor, as a cache starts, is left out, as torch.cat leaves it)
     xs, shape, stack = [x for x in a["tensors"] if g.shape(x) != (0,)], g.shape(node), op_name(node) == "stack"
     k, out = a["dim"] % len(shape), [()] * len(shape)
@@ -324,10 +347,11 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("div", _pointwise("inputs", "first"), "x[...] y[...] -> z[...]", "-", "x", "x, y"),
     ("neg clone alias contiguous to _to_copy lift_fresh_copy dropout detach", _pointwise("", "all"), "x[...] -> y[...]",
      "-", "x", "-"),
-    ("silu gelu relu elu leaky_relu softplus hardtanh log sin cos erf abs pow clamp log1p square mish hardswish",
+    ("silu gelu relu elu leaky_relu softplus hardtanh log sin cos erf abs pow clamp log1p square mish hardswish "
+     "log_sigmoid",
      _pointwise("inputs", ""), "x[...] -> y[...]", "-", "-", "x"),
     ("sigmoid tanh exp rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
-    ("maximum minimum atan2", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-", "x, y"),
+    ("maximum minimum atan2 xlogy", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-", "x, y"),
     ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
     ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
     ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan", _pointwise("", ""), "x[...] -> z[...]",
@@ -351,6 +375,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("repeat_interleave repeat", _repeat, "x[a] -> y[(a r)], or y[(r a)]", "-", "x", "-"),
     ("einsum", _einsum, "its equation's letters", "-", "each operand", "its operands"),
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
+    ("gather", _gather, "x[.., v] i[.., j] -> y[.., j]", "v", "x", "i"),
+    ("broadcast_tensors", _broadcast, "x[...] y[...] -> x[...] y[...] (broadcast)", "-", "-", "-"),
 ]
 RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
 MAKERS = set("arange ones zeros full empty scalar_tensor zeros_like ones_like full_like empty_like new_ones new_zeros "
@@ -686,7 +712,7 @@ def step(g, t, constraint, k, choice, entries):
 
     def keep(key, shape, p):  # a tensor kept for backward, placed p: its bytes on one rank; False if it breaks
         kept.append((key, math.prod(shape) * g.element_size // (t if p.kind == "S" else 1)))
-        return constraint != "activations" or p.kind == "S"
+        return constraint != "activations" or p.kind == "S" or not any(n % t == 0 for n in shape)  # (a loss: whole)
 
     for v, entry in zip(op.inputs, entries):
         val, rd = g.values[v], read_of(g, op, choice, v, constraint)

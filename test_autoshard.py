@@ -896,6 +896,45 @@ def test_whole_huggingface_models_on_ids_shard_equal(world, name, t, constraint)
         assert errors is None or max(errors.values()) < TOL, errors
 
 
+class GPTWithLoss(TiedGPT):
+    """As nanoGPT's GPT: (logits, loss) of ids and targets, the loss cross-entropy averaged over the targets that
+    are not -1 (ignored)."""
+
+    def forward(self, idx, targets):
+        logits = super().forward(idx)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def task_loss(ctx, t, constraint):
+    group = ctx.group(t)
+    if ctx.rank >= t:
+        return None
+    V, T, C, H = 8 * t, 4 * t, 8 * t, t
+    torch.manual_seed(9)
+    model, gen = GPTWithLoss(V, T, C, H).double(), torch.Generator().manual_seed(10)
+    idx, targets = torch.randint(0, V, (2, T), generator=gen), torch.randint(0, V, (2, T), generator=gen)
+    targets[0, : T // 2 + 1] = -1  # ignored: fewer counted on some ranks than on others
+    plan = autoshard.discover(model, (idx, targets), t, dims=("B T", "B T"), constraint=constraint)
+    sharded = autoshard.shard(model, plan, group)
+    w = torch.randn(2, T, V, generator=gen, dtype=torch.float64)
+    logits, loss = model(idx, targets)
+    (loss + (logits * w).sum()).backward()
+    mine, my_loss = sharded(idx, targets)
+    (my_loss + (mine * w).sum()).backward()
+    grads = sharded.full_grads()
+    return {"loss": rel_err(my_loss, loss), "logits": rel_err(mine, logits)} | {
+        n: rel_err(grads[n], p.grad) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("constraint", ["weights", "activations"])
+@pytest.mark.parametrize("t", [2, 4])
+def test_a_gpt_returning_its_cross_entropy_loss_shards_equal(world, t, constraint):
+    """F.cross_entropy is traced as the ops it is made of, so that the count of targets not ignored is reduced
+    with the losses: the mean is exact on any split of the batch."""
+    for errors in world.run(task_loss, t=t, constraint=constraint):
+        assert errors is None or max(errors.values()) < TOL, errors
+
+
 def task_shard_errors(ctx):
     plan = plan_of("llama", t=4)
     module, _ = built("llama", 2, 16, 64, 8, "cpu")
