@@ -197,14 +197,14 @@ def _pointwise(saves, linear):
                    saves=tuple(kept), view=True)
     return rule
 
-def _reduction(linear):  # sum, mean (linear): split along a summed index, the output is P; the others: whole
+def _reduction(linear, saves=(True,)):  # sum, mean (linear): split along a summed index, the output P; others whole
     def rule(g, node, a):
         x, dim, dx = a["self"], a.get("dim"), g.dims(a["self"])
         gone = range(len(dx)) if dim in (None, []) else {d % len(dx) for d in ([dim] if isinstance(dim, int) else dim)}
         out = [() if k in gone else d for k, d in enumerate(dx) if a.get("keepdim") or k not in gone]
         if linear:
             return Law([out], summed=[dx[k] for k in gone], linear=((x,),))
-        return Law([out], whole=[dx[k] for k in gone], saves=(x, "out"))
+        return Law([out], whole=[dx[k] for k in gone], saves=(x, "out") if saves else ())
     return rule
 
 def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias
@@ -358,6 +358,7 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
     ("amax amin var std logsumexp linalg_vector_norm prod", _reduction(False), "x[i, j] -> y[i]", "j", "-", "x, y"),
+    ("argmax argmin", _reduction(False, saves=()), "x[i, j] -> y[i]", "j", "-", "-"),
     ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
      "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
@@ -1000,7 +1001,9 @@ class Sharded(torch.nn.Module):
                              f"an instance with real buffers, or make them buffers")
         device = next(iter(self.local.values()), torch.empty(0)).device
         for node, outs in g.constants:  # masks, rotary tables: made whole on every rank, once
-            args, kwargs = _local(node.args, self.constants, device), _local(node.kwargs, self.constants, device)
+            env = self.constants | {x.name: torch.empty(g.shape(x), dtype=x.meta["val"].dtype, device=device)
+                                    for x in _nodes(node.args) if x.name not in self.constants}  # full_like(x)
+            args, kwargs = _local(node.args, env, device), _local(node.kwargs, self.constants, device)
             _bind(self.constants, outs, node.target(*args, **kwargs))
         self.recipes = {v: recipe(plan.placements[v], reads, via(g, v, t)) for v, reads in plan.reads.items()}
 

@@ -935,6 +935,42 @@ def test_a_gpt_returning_its_cross_entropy_loss_shards_equal(world, t, constrain
         assert errors is None or max(errors.values()) < TOL, errors
 
 
+LOSSES = {"mse": lambda y, z: F.mse_loss(y, z), "smooth_l1": lambda y, z: F.smooth_l1_loss(y, z, beta=0.5),
+          "bce": lambda y, z: F.binary_cross_entropy(torch.sigmoid(y), torch.sigmoid(z)),  # new_full(y, ...) in it
+          "kl": lambda y, z: F.kl_div(F.log_softmax(y, -1), F.softmax(z, -1), reduction="batchmean"),
+          "ce_smoothed": lambda y, z: F.cross_entropy(y.transpose(1, 2), z.argmax(-1), label_smoothing=0.1)}
+
+
+class MLPLoss(nn.Module):
+    def __init__(self, loss, C=16):
+        super().__init__()
+        self.up, self.down, self.loss = nn.Linear(C, 4 * C), nn.Linear(4 * C, C), LOSSES[loss]
+
+    def forward(self, x, z):
+        return self.loss(self.down(F.gelu(self.up(x))), z)
+
+
+def task_mlp_loss(ctx, loss, t, constraint):
+    group = ctx.group(t)
+    if ctx.rank >= t:
+        return None
+    torch.manual_seed(11)
+    model, x, z = MLPLoss(loss).double(), torch.randn(2, 8, 16, dtype=torch.float64), torch.randn(2, 8, 16, dtype=torch.float64)
+    sharded = autoshard.shard(model, autoshard.discover(model, (x, z), t, constraint=constraint), group)
+    model(x, z).backward()
+    mine = sharded(x, z)
+    mine.backward()
+    grads = sharded.full_grads()
+    return {"loss": rel_err(mine, model(x, z))} | {n: rel_err(grads[n], p.grad) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("t, constraint", [(2, "weights"), (4, "activations")])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_module_returning_a_loss_shards_equal(world, loss, t, constraint):
+    for errors in world.run(task_mlp_loss, loss=loss, t=t, constraint=constraint):
+        assert errors is None or max(errors.values()) < TOL, errors
+
+
 def task_shard_errors(ctx):
     plan = plan_of("llama", t=4)
     module, _ = built("llama", 2, 16, 64, 8, "cpu")
