@@ -45,14 +45,15 @@ CONSTRAINTS = {"none": "any plan, replicating everything included",
 # 1. trace -------------------------------------------------------------------------------------
 
 def trace(module, inputs):
-    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole; the ops
-    that only spell another (REWRITES) rewritten to it."""
+    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole, in-place
+    ops made functional, losses decomposed; the ops that only spell another (REWRITES) rewritten to it."""
     try:
         ep = torch.export.export(module, inputs, strict=False)
     except Exception as e:  # export names the Python it could not trace: its first line, as one line
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"torch.export could not trace {type(module).__name__}: {first}") from e
-    if any(op_name(node) in LOSSES for node in ep.graph.nodes if node.op == "call_function"):
+    names = {op_name(node) for node in ep.graph.nodes if node.op == "call_function"}
+    if names & LOSSES or any(n.endswith("_") and not n.startswith("_") for n in names):  # x += y: made x + y
         table = torch.export.default_decompositions()  # only the losses': into ops that have rules
         for op in [op for op in table.keys() if op.name().split("::")[-1].split(".")[0] not in LOSSES]:
             del table[op]
@@ -326,6 +327,13 @@ def _gather(g, node, a):
             whole += [g.dims(x)[d], g.dims(ix)[d]]
     return Law([g.dims(ix)], whole=tuple(whole), linear=((x,),), saves=(ix,))
 
+def _index(g, node, a):  # x[.., i[...], ..] (aten.index) with one tensor of indices, at dim k: k whole
+    x, found = a["self"], [(k, i) for k, i in enumerate(a["indices"]) if i is not None]
+    if len(found) != 1:
+        raise ValueError(f"no sharding rule for indexing by {len(found)} tensors ({source(node)}): index one dim")
+    (k, i), dx = found[0], g.dims(x)
+    return Law([dx[:k] + g.dims(i) + dx[k + 1:]], whole=(dx[k],), linear=((x,),), saves=(i,))
+
 def _broadcast(g, node, a):  # broadcast_tensors: each input to their one shape
     xs, shape = a["tensors"], node.meta["val"][0].shape
     return Law([_align(g, node, [()] * len(shape), xs)] * len(xs), view=True)
@@ -377,6 +385,7 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("einsum", _einsum, "its equation's letters", "-", "each operand", "its operands"),
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
     ("gather", _gather, "x[.., v] i[.., j] -> y[.., j]", "v", "x", "i"),
+    ("index", _index, "x[a, v, b] i[j] -> y[a, j, b]: x[:, i]", "v", "x", "i"),
     ("broadcast_tensors", _broadcast, "x[...] y[...] -> x[...] y[...] (broadcast)", "-", "-", "-"),
 ]
 RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}

@@ -849,13 +849,17 @@ def test_a_whole_gpt_with_tied_embeddings_shards_equal(world, t, constraint):
 
 class HFModel(nn.Module):
     """A whole transformers model on ids (its last hidden state out), as from_pretrained would give it, its KV
-    cache (which starts as an empty tensor) on: GPT2Model, or GPTNeoXModel (rotary)."""
+    cache (which starts as an empty tensor) on: GPT2Model, GPTNeoXModel (rotary), or FalconModel (one k, v head
+    indexed out of the fused projection by a list, attention and MLP in parallel, summed in place by +=)."""
 
     def __init__(self, name, V, C, H, T):
         super().__init__()
         import transformers as tf
         if name == "gpt2":
             self.model = tf.GPT2Model(tf.GPT2Config(vocab_size=V, n_embd=C, n_head=H, n_layer=2, n_positions=T))
+        elif name == "falcon":
+            self.model = tf.FalconModel(tf.FalconConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
+                                                        num_hidden_layers=2, max_position_embeddings=T))
         else:
             self.model = tf.GPTNeoXModel(tf.GPTNeoXConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
                                                           intermediate_size=4 * C, num_hidden_layers=2,
@@ -890,7 +894,7 @@ def task_hf_model(ctx, name, t, constraint):
 
 @pytest.mark.parametrize("constraint", ["weights", "activations"])
 @pytest.mark.parametrize("t", [2, 4])
-@pytest.mark.parametrize("name", ["gpt2", "neox"])
+@pytest.mark.parametrize("name", ["gpt2", "neox", "falcon"])
 def test_whole_huggingface_models_on_ids_shard_equal(world, name, t, constraint):
     for errors in world.run(task_hf_model, name=name, t=t, constraint=constraint):
         assert errors is None or max(errors.values()) < TOL, errors
