@@ -198,14 +198,15 @@ def _pointwise(saves, linear):
                    saves=tuple(kept), view=True)
     return rule
 
-def _reduction(linear, saves=(True,)):  # sum, mean (linear): split along a summed index, the output P; others whole
+def _reduction(linear, saves=True):  # sum, mean (linear): split along a summed index, the output P; others whole
     def rule(g, node, a):
         x, dim, dx = a["self"], a.get("dim"), g.dims(a["self"])
         gone = range(len(dx)) if dim in (None, []) else {d % len(dx) for d in ([dim] if isinstance(dim, int) else dim)}
         out = [() if k in gone else d for k, d in enumerate(dx) if a.get("keepdim") or k not in gone]
         if linear:
             return Law([out], summed=[dx[k] for k in gone], linear=((x,),))
-        return Law([out], whole=[dx[k] for k in gone], saves=(x, "out") if saves else ())
+        return Law([out] * len(_tensors_of(node.meta["val"])), whole=[dx[k] for k in gone],  # max.dim's indices too
+                   saves=(x, "out") if saves else ())
     return rule
 
 def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n, i]), plus a bias
@@ -359,17 +360,20 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "log_sigmoid",
      _pointwise("inputs", ""), "x[...] -> y[...]", "-", "-", "x"),
     ("sigmoid tanh exp rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
-    ("maximum minimum atan2 xlogy", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-", "x, y"),
+    ("maximum minimum atan2 xlogy max.other min.other", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-", "x, y"),
     ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
     ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
     ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan", _pointwise("", ""), "x[...] -> z[...]",
      "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
-    ("amax amin var std logsumexp linalg_vector_norm prod", _reduction(False), "x[i, j] -> y[i]", "j", "-", "x, y"),
-    ("argmax argmin", _reduction(False, saves=()), "x[i, j] -> y[i]", "j", "-", "-"),
+    ("amax amin var std logsumexp linalg_vector_norm prod max min", _reduction(False), "x[i, j] -> y[i]", "j", "-",
+     "x, y"),
+    ("argmax argmin", _reduction(False, saves=False), "x[i, j] -> y[i]", "j", "-", "-"),
     ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
      "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
+    ("cumsum", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],), linear=((a["self"],),)),
+     "x[..., j] -> y[..., j]", "j", "x", "-"),
     ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
                                                             saves=("out",)), "x[..., j] -> y[..., j]", "j", "-", "y"),
     ("scaled_dot_product_attention", _attention, "q[.., h, s, d] k[.., h, s', d] v[.., h, s', e] -> y[.., h, s, e]",
@@ -498,13 +502,14 @@ class Graph:
                                        grad=grad and t.is_floating_point(), floating=t.is_floating_point())
         if constant:  # made whole on every rank, once
             return self.constants.append((node, outs))
-        if name not in RULE_OF:
+        rule = RULE_OF.get(f"{name}.{getattr(node.target, '_overloadname', '')}", RULE_OF.get(name))  # max.other
+        if rule is None:
             raise ValueError(f"no sharding rule for aten.{name} ({source(node)}); print_rules() lists the ops it knows")
         a = named_args(node)
         if name == "dropout" and a["p"] and a["train"]:
             raise ValueError(f"dropout p={a['p']} ({source(node)}): a sharded run would draw other masks; trace the "
                              f"module in eval() or with p=0")
-        law = RULE_OF[name](self, node, a)
+        law = rule(self, node, a)
         for o, d in zip(outs, law.outputs):
             if o:
                 self.values[o].dims = d

@@ -280,6 +280,20 @@ class ResidualLinears(nn.Module):
         return x
 
 
+class MaxMLP(nn.Module):
+    """torch.max both ways: of two tensors (max.other: a ReLU) and along a dim (max.dim: values and indices), as
+    attention masks and max-pooling write them."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        h = self.up(x)
+        peak = h.max(-1, keepdim=True).values
+        return x + self.down(torch.max(h, torch.zeros((), dtype=h.dtype)) - peak)
+
+
 MODELS = {
     "llama": (lambda B, T, C, H: Llama(C, H, 3 * C // 2, T), None),
     "gptj": (lambda B, T, C, H: GPTJ(C, H, T), None),
@@ -293,6 +307,7 @@ MODELS = {
     "chunkeinsum": (lambda B, T, C, H: ChunkEinsum(C, H, T), None),
     "hfllama": (lambda B, T, C, H: HFLlama(C, H, T), None),
     "residual": (lambda B, T, C, H: ResidualLinears(C), None),
+    "max": (lambda B, T, C, H: MaxMLP(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
     "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
 }
@@ -612,13 +627,13 @@ def test_the_plan_prints_each_weight_and_each_collective():
 # bad input: one line, a ValueError naming the op or the size
 
 
-class Cumsum(nn.Module):
+class Sort(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.lin(x).cumsum(1)
+        return self.lin(x).sort(1).values
 
 
 class Twice(nn.Module):  # W (W x): W's rows and columns are one index (not planned)
@@ -644,7 +659,7 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: autoshard.discover(Cumsum(), (meta(2, 4, 8),), 2), r"no sharding rule for aten.cumsum \(test_autoshard.py:\d+ "),
+    (lambda: autoshard.discover(Sort(), (meta(2, 4, 8),), 2), r"no sharding rule for aten.sort \(test_autoshard.py:\d+ "),
     (lambda: autoshard.discover(TwoInputs(), (meta(2, 4, 8), meta(2, 1, 4, 4)), 2), r"input 1 has 4 dimensions \(2, 1, 4, 4\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 8),), 2), r"input 0 has 2 dimensions \(2, 8\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 4, 8),), 2, dims=("B T",)), r"dims\[0\]='B T' names 2"),
@@ -850,13 +865,18 @@ def test_a_whole_gpt_with_tied_embeddings_shards_equal(world, t, constraint):
 class HFModel(nn.Module):
     """A whole transformers model on ids (its last hidden state out), as from_pretrained would give it, its KV
     cache (which starts as an empty tensor) on: GPT2Model, GPTNeoXModel (rotary), or FalconModel (one k, v head
-    indexed out of the fused projection by a list, attention and MLP in parallel, summed in place by +=)."""
+    indexed out of the fused projection by a list, attention and MLP in parallel, summed in place by +=), or
+    RobertaModel (position ids a cumsum of the ids' padding mask)."""
 
     def __init__(self, name, V, C, H, T):
         super().__init__()
         import transformers as tf
         if name == "gpt2":
             self.model = tf.GPT2Model(tf.GPT2Config(vocab_size=V, n_embd=C, n_head=H, n_layer=2, n_positions=T))
+        elif name == "roberta":
+            self.model = tf.RobertaModel(tf.RobertaConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
+                                                          intermediate_size=4 * C, num_hidden_layers=2,
+                                                          max_position_embeddings=T + 2), add_pooling_layer=False)
         elif name == "falcon":
             self.model = tf.FalconModel(tf.FalconConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
                                                         num_hidden_layers=2, max_position_embeddings=T))
@@ -894,7 +914,7 @@ def task_hf_model(ctx, name, t, constraint):
 
 @pytest.mark.parametrize("constraint", ["weights", "activations"])
 @pytest.mark.parametrize("t", [2, 4])
-@pytest.mark.parametrize("name", ["gpt2", "neox", "falcon"])
+@pytest.mark.parametrize("name", ["gpt2", "neox", "falcon", "roberta"])
 def test_whole_huggingface_models_on_ids_shard_equal(world, name, t, constraint):
     for errors in world.run(task_hf_model, name=name, t=t, constraint=constraint):
         assert errors is None or max(errors.values()) < TOL, errors
