@@ -688,17 +688,19 @@ def options(g, k, t):
         g.memo[k, t] = [Choice()] + [Choice(f) for f in ok] + [Choice(partial=i) for i in range(len(law.linear))]
     return g.memo[k, t]
 
-def choices(g, k, t, live):
+def choices(g, k, t, live, constraint):
     """The options worth trying in this state. An elementwise op or a view whose activations are placed alike
-    keeps that placement when it can: a move before it costs what one after it would (the plan space searched,
-    exactly, is the one where they do). A linear group is read as P only if one of it is P already."""
+    keeps that placement when it can (if the constraint allows what it then keeps, and a partial sum read as one
+    leaves no other input's gradient partial): a move before it costs what one after it would (the plan space
+    searched, exactly, is the one where they do). A linear group is read as P only if one of it is P already."""
     op, law, opts = g.ops[k], g.ops[k].law, options(g, k, t)
     placed = {live[v][0] for v in op.inputs if g.values[v].kind != "parameter" and v in live}
     if law.view and len(placed) == 1:
         p, ps = placed.pop(), {v for v in op.inputs if v in live and live[v][0] == P}
-        keep = Choice(p.index) if p.kind == "S" else Choice() if p == R else \
-            next((Choice(partial=i) for i, gr in enumerate(law.linear) if ps <= gr), None)
-        if keep in opts:
+        keep = Choice(p.index) if p.kind == "S" else Choice() if p == R else next(  # (the others' gradients whole)
+            (Choice(partial=i) for i, gr in enumerate(law.linear) if ps <= gr and all(
+                v in gr or not g.values[v].grad for v in op.inputs)), None)
+        if keep in opts and stepped(g, t, constraint, k, keep, live) is not None:
             return [keep]
     return [c for c in opts if c.partial is None or any(live.get(v, (R,))[0] == P for v in law.linear[c.partial])]
 
@@ -752,6 +754,12 @@ def step(g, t, constraint, k, choice, entries):
     after.update((o, (p, frozenset())) for o, p in outs.items())
     return Stepped(after, tuple(done), units(m for d in done for m in moves_of(g, *d, t)), tuple(kept))
 
+def stepped(g, t, constraint, k, choice, live):  # step, once for each state of op k's inputs
+    key = ("step", t, constraint, k, choice, tuple(live.get(v) for v in g.ops[k].inputs))
+    if key not in g.memo:
+        g.memo[key] = step(g, t, constraint, k, choice, key[-1])
+    return g.memo[key]
+
 def returning(g, first, v, p):
     """An output's last read: the module's output returns to its input's placement; any other is taken as it is."""
     back = first if g.aligned and v == g.outputs[0] else p
@@ -767,11 +775,8 @@ def search(g, t, constraint, start, stop, states):
         op, following = g.ops[k], {}
         for state, (score, path) in states.items():
             live = dict(zip(g.live[k], state))
-            for choice in choices(g, k, t, live):
-                key = ("step", t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
-                if key not in g.memo:
-                    g.memo[key] = step(g, t, constraint, k, choice, key[-1])
-                if (s := g.memo[key]) is not None:
+            for choice in choices(g, k, t, live, constraint):
+                if (s := stepped(g, t, constraint, k, choice, live)) is not None:
                     now, more = live | s.after, (s.units, sum(b for _, b in s.kept), choice.partial is not None)
                     cheapest(following, tuple(now[v] for v in g.live[k + 1]), score, more, path + (choice,))
         states = following
@@ -839,7 +844,7 @@ def account(g, t, constraint, first, chosen):
     live, done, kept, placed = {g.inputs[0]: (first, frozenset())}, [], {}, {g.inputs[0]: first}
     for k, (op, choice) in enumerate(zip(g.ops, chosen)):
         s = step(g, t, constraint, k, choice, tuple(live.get(v) for v in op.inputs))
-        if choice not in choices(g, k, t, live) or s is None:
+        if s is None:
             return None
         placed.update({v: p for v, p, _ in s.done} | {v: e[0] for v, e in s.after.items() if e})  # read, or made
         live.update(s.after)

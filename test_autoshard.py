@@ -308,6 +308,7 @@ MODELS = {
     "hfllama": (lambda B, T, C, H: HFLlama(C, H, T), None),
     "residual": (lambda B, T, C, H: ResidualLinears(C), None),
     "max": (lambda B, T, C, H: MaxMLP(C), None),
+    "layerscale": (lambda B, T, C, H: LayerScale(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
     "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
 }
@@ -578,14 +579,35 @@ class TwoBranches(nn.Module):
         return x + self.b(h) + self.c(h)
 
 
+class LayerScale(nn.Module):
+    """x + g * MLP(LayerNorm(x)), g a learned scale per channel (CaiT's LayerScale), or a fixed one (a buffer).
+    Reading the MLP's partial sums as such would make g's gradient partial too; and the mul keeps the MLP's output
+    for backward, so under "activations" it must read it split, not as the partial sums it arrives as."""
+
+    def __init__(self, C, learned=True):
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+        if learned:
+            self.g = nn.Parameter(torch.full((C,), 0.1))
+        else:
+            self.register_buffer("g", torch.full((C,), 0.1))
+        self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        return x + self.g * self.down(F.gelu(self.up(self.norm(x))))
+
+
 @pytest.mark.parametrize("model, constraint", [("narrow", "weights"), ("narrow", "activations"),
+                                               ("layerscale", "weights"), ("fixedscale", "activations"),
                                                ("two", "weights"), ("two", "activations"), ("mlp4", "weights"),
                                                ("residual", "weights"), ("residual", "activations")])
 def test_the_dynamic_programme_finds_the_least_bytes_of_every_choice(model, constraint):
-    """Every choice of every op, priced one by one: none sends fewer bytes than discover's plan."""
+    """Every option of every op, priced one by one (the options the search skips as no better included): none
+    sends fewer bytes than discover's plan."""
     with torch.device("meta"):
         module, C = {"narrow": (NarrowMLP(16, 4), 16), "two": (TwoBranches(8), 8), "mlp4": (MLPStack(8), 8),
-                     "residual": (ResidualLinears(8, 2), 8)}[model]
+                     "residual": (ResidualLinears(8, 2), 8), "layerscale": (LayerScale(8), 8),
+                     "fixedscale": (LayerScale(8, learned=False), 8)}[model]
     t, T = 2, 2 if constraint == "activations" else 3  # B = 1 and an odd T where it may be: fewer choices to price
     plan = autoshard.discover(module, (torch.empty(1, T, C, device="meta"),), t, constraint=constraint)
     g = plan.graph
