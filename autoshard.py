@@ -742,7 +742,7 @@ def step(g, t, constraint, k, choice, entries):
             q = (p if p.kind == "S" else S(via(g, v, t))) if regathered else rd.placement
             if not keep((v, q), val.shape, q) and val.floating:
                 return None  # (integer indices excepted: an embedding reads them whole)
-        reads |= {rd}
+        reads |= {rd} - {Read(p, grad_placement(p))}  # (a read as it is placed costs nothing, and changes nothing)
         after[v] = None if g.last_read[v] == k else (p, reads)
         done += [(v, p, reads)] * (g.last_read[v] == k)
     if "out" in law.saves and not all([keep((o, p), g.values[o].shape, p) for o, p in outs.items()]):
@@ -1058,7 +1058,7 @@ class Sharded(torch.nn.Module):
     def _read(self, v, rd, env, moved):
         """Value v as an op reads it (rd), and its chain of moves: each prefix of the plan's chain made once. A
         constant is whole on every rank: sliced, or rank 0's as a partial sum, for free."""
-        chain = _narrow(rd) if self.plan.graph.values[v].kind == "constant" else self.recipes[v][rd]
+        chain = _narrow(rd) if self.plan.graph.values[v].kind == "constant" else self.recipes[v].get(rd, ())
         moved.setdefault((v, ()), env[v])
         for n in range(1, len(chain) + 1):
             if (v, chain[:n]) not in moved:
