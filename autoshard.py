@@ -198,6 +198,10 @@ def _pointwise(saves, linear):
                    saves=tuple(kept), view=True)
     return rule
 
+def _cast(g, node, a):  # partial sums rounded to another dtype do not add up to the sum rounded
+    law = _pointwise("", "all")(g, node, a)
+    return law if node.meta["val"].dtype == a["self"].meta["val"].dtype else law._replace(linear=())
+
 def _reduction(linear, saves=True):  # sum, mean (linear): split along a summed index, the output P; others whole
     def rule(g, node, a):
         x, dim, dx = a["self"], a.get("dim"), g.dims(a["self"])
@@ -354,13 +358,15 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("add sub rsub", _pointwise("", "all"), "x[...] y[...] -> z[...] (broadcast)", "-", "x, y together", "-"),
     ("mul", _pointwise("inputs", "one"), "x[...] y[...] -> z[...]", "-", "x or y", "x, y"),
     ("div", _pointwise("inputs", "first"), "x[...] y[...] -> z[...]", "-", "x", "x, y"),
-    ("neg clone alias contiguous to _to_copy lift_fresh_copy dropout detach", _pointwise("", "all"), "x[...] -> y[...]",
-     "-", "x", "-"),
+    ("neg clone alias contiguous lift_fresh_copy dropout detach", _pointwise("", "all"), "x[...] -> y[...]", "-", "x",
+     "-"),
+    ("to _to_copy", _cast, "x[...] -> y[...]", "-", "x, to its own dtype", "-"),
     ("silu gelu relu elu leaky_relu softplus hardtanh log sin cos erf abs pow clamp log1p square mish hardswish "
      "log_sigmoid",
      _pointwise("inputs", ""), "x[...] -> y[...]", "-", "-", "x"),
     ("sigmoid tanh exp rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
-    ("maximum minimum atan2 xlogy max.other min.other", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-", "x, y"),
+    ("maximum minimum atan2 xlogy max.other min.other", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-",
+     "x, y"),
     ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
     ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
     ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan", _pointwise("", ""), "x[...] -> z[...]",
@@ -372,8 +378,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
      "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
-    ("cumsum", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],), linear=((a["self"],),)),
-     "x[..., j] -> y[..., j]", "j", "x", "-"),
+    ("cumsum", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
+                                      linear=((a["self"],),)), "x[..., j] -> y[..., j]", "j", "x", "-"),
     ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
                                                             saves=("out",)), "x[..., j] -> y[..., j]", "j", "-", "y"),
     ("scaled_dot_product_attention", _attention, "q[.., h, s, d] k[.., h, s', d] v[.., h, s', e] -> y[.., h, s, e]",
@@ -407,6 +413,7 @@ class Value:
     target: str = ""        # the parameter's name, or "input i"
     grad: bool = False      # needs a gradient
     floating: bool = True
+    itemsize: int = 4       # bytes per element: its dtype's
     dims: list = None       # per dimension, a tuple of index names
 
     @property
@@ -429,7 +436,7 @@ class Graph:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.module, self.names = type(module).__name__, _dim_names(inputs, dims)
         self.shapes_in = [x.shape for x in inputs]
-        floating = [x for x in (*inputs, *module.parameters()) if x.is_floating_point()]  # ids in: the weights' size
+        floating = [x for x in (*inputs, *module.parameters()) if x.is_floating_point()]  # (a norm's statistics')
         self.element_size = floating[0].element_size() if floating else 4
         self.ep = trace(module, inputs)
         self.idx, self.values, self.ops, self.constants, self.inputs, self.memo = Indices(), {}, [], [], [], {}
@@ -479,7 +486,8 @@ class Graph:
         kind = {"USER_INPUT": "input", "PARAMETER": "parameter"}.get(spec.kind.name, "constant")
         target, floating = f"input {i}" if kind == "input" else spec.target, val.is_floating_point()
         grad = floating and (kind == "input" or kind == "parameter" and self.ep.state_dict[target].requires_grad)
-        v = self.values[node.name] = Value(node.name, tuple(val.shape), kind, target, grad, floating)
+        v = self.values[node.name] = Value(node.name, tuple(val.shape), kind, target, grad, floating,
+                                           val.element_size())
         if kind == "input":
             self.inputs.append(node.name)
             v.dims = []
@@ -499,7 +507,8 @@ class Graph:
         for o, t in zip(outs, _tensors_of(val)):
             if o:
                 self.values[o] = Value(o, tuple(t.shape), "constant" if constant else "activation",
-                                       grad=grad and t.is_floating_point(), floating=t.is_floating_point())
+                                       grad=grad and t.is_floating_point(), floating=t.is_floating_point(),
+                                       itemsize=t.element_size())
         if constant:  # made whole on every rank, once
             return self.constants.append((node, outs))
         rule = RULE_OF.get(f"{name}.{getattr(node.target, '_overloadname', '')}", RULE_OF.get(name))  # max.other
@@ -538,7 +547,8 @@ class Graph:
         self.ops = [op._replace(law=op.law._replace(
             whole=indices(op.law.whole), summed=indices(op.law.summed), affine=names(op.law.affine),
             saves=names(op.law.saves), linear=tuple(names(gr) for gr in op.law.linear if gr),
-            new=tuple([E(d) for d in ds] for ds in op.law.new), twins=self.renames.get(op.name, {}))) for op in self.ops]
+            new=tuple([E(d) for d in ds] for ds in op.law.new), twins=self.renames.get(op.name, {})))
+            for op in self.ops]
         self.last_read, born = {}, {self.inputs[0]: 0}
         for k, op in enumerate(self.ops):
             for v in op.inputs:
@@ -661,7 +671,7 @@ def moves_of(g, v, p, reads, t):
     """The moves a value makes: each distinct prefix of its chains once, in a fixed order."""
     chains = recipe(p, reads, via(g, v, t)).values()
     prefixes = sorted({c[:n] for c in chains for n in range(1, len(c) + 1)}, key=lambda c: (len(c), c))
-    return [Moved(v, c[-1], math.prod(g.values[v].shape) * g.element_size, g.values[v].grad) for c in prefixes]
+    return [Moved(v, c[-1], math.prod(g.values[v].shape) * g.values[v].itemsize, g.values[v].grad) for c in prefixes]
 
 # 5. search ------------------------------------------------------------------------------------
 
@@ -727,8 +737,8 @@ def step(g, t, constraint, k, choice, entries):
             for o in op.outputs if o}
     after, done, kept = {}, [], []
 
-    def keep(key, shape, p):  # a tensor kept for backward, placed p: its bytes on one rank; False if it breaks
-        kept.append((key, math.prod(shape) * g.element_size // (t if p.kind == "S" else 1)))
+    def keep(key, shape, p, itemsize=g.element_size):  # a tensor kept for backward, placed p: its bytes on one
+        kept.append((key, math.prod(shape) * itemsize // (t if p.kind == "S" else 1)))  # rank; False if it breaks
         return constraint != "activations" or p.kind == "S" or not any(n % t == 0 for n in shape)  # (a loss: whole)
 
     for v, entry in zip(op.inputs, entries):
@@ -740,12 +750,13 @@ def step(g, t, constraint, k, choice, entries):
         if v in law.saves and val.kind != "parameter":
             regathered = rd.saved and rd.placement == R and (p.kind == "S" or p == P and via(g, v, t))
             q = (p if p.kind == "S" else S(via(g, v, t))) if regathered else rd.placement
-            if not keep((v, q), val.shape, q) and val.floating:
+            if not keep((v, q), val.shape, q, val.itemsize) and val.floating:
                 return None  # (integer indices excepted: an embedding reads them whole)
         reads |= {rd} - {Read(p, grad_placement(p))}  # (a read as it is placed costs nothing, and changes nothing)
         after[v] = None if g.last_read[v] == k else (p, reads)
         done += [(v, p, reads)] * (g.last_read[v] == k)
-    if "out" in law.saves and not all([keep((o, p), g.values[o].shape, p) for o, p in outs.items()]):
+    if "out" in law.saves and not all([keep((o, p), g.values[o].shape, p, g.values[o].itemsize)
+                                       for o, p in outs.items()]):
         return None
     for i, dims in enumerate(law.new):
         if not keep((op.name, i), [g.idx.size[f] for d in dims for f in d],
@@ -852,7 +863,7 @@ def account(g, t, constraint, first, chosen):
         done += s.done
     done += [(v, live[v][0], live[v][1] | {returning(g, first, v, live[v][0])}) for v in g.live[-1]]  # their last
     moves = [m for d in done for m in moves_of(g, *d, t)]
-    params = sum(math.prod(v.shape) * g.element_size // (t if placed.get(v.name, R).kind == "S" else 1)
+    params = sum(math.prod(v.shape) * v.itemsize // (t if placed.get(v.name, R).kind == "S" else 1)
                  for v in g.values.values() if v.kind == "parameter")
     return Plan(t, constraint, g, first, {op.name: c for op, c in zip(g.ops, chosen)}, placed,
                 {v: reads for v, _, reads in done}, moves, units(moves) * (t - 1) // t, sum(kept.values()), params)
@@ -861,10 +872,10 @@ def discover(module, example_inputs, t, dims=None, constraint="weights"):
     """The plan that sends the fewest bytes per rank (ring algorithm, forward and backward) under the constraint
     (CONSTRAINTS); ties go to fewer activation bytes kept. module (unsharded) and example_inputs may be on the meta
     device: nothing is computed. dims names each input's dimensions, e.g. ("T B C",); a 3-D input defaults to
-    "B T C". Bytes are at the floating inputs' element size (ids in: the weights'); the module is priced as one of a
-    stack of identical blocks (its output returns to its input's placement: replicated, or split along T under
-    "activations"); shard()'s
-    conversions from and to full tensors are not. The plan applies to any module of the same parameters."""
+    "B T C". Each tensor's bytes are at its dtype's element size (an upcast to float32 inside a bfloat16 model
+    sends 4 bytes an element, its ids 8); the module is priced as one of a stack of identical blocks (its output
+    returns to its input's placement: replicated, or split along T under "activations"); shard()'s conversions
+    from and to full tensors are not. The plan applies to any module of the same parameters."""
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint={constraint!r} is not one of {tuple(CONSTRAINTS)}")
     if not isinstance(t, int) or isinstance(t, bool) or t < 2:

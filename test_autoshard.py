@@ -927,19 +927,30 @@ def task_hf_model(ctx, name, t, constraint):
     sharded = autoshard.shard(model, plan, group)
     w = torch.randn(2, T, C, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     (model(ids) * w).sum().backward()
-    y = sharded(ids)
-    (y * w).sum().backward()
+    with ledgers.collective_log() as forward:
+        y = sharded(ids)
+    with ledgers.collective_log() as backward:
+        (y * w).sum().backward()
+    ran = sorted([("forward", op, n) for _, _, op, n in forward] + [("backward", op, n) for _, _, op, n in backward])
+    out = plan.placements[plan.graph.outputs[0]]  # shard's own (not priced): the output made whole
+    own = {"P": [("forward", "all-reduce", y.numel() * 8)], "S": [("forward", "all-gather", y.numel() * 8)]}
     grads, scale = sharded.full_grads(), max(p.grad.abs().max() for p in model.parameters())
-    return {"output": rel_err(y, model(ids))} | {  # (a key bias's gradient is 0 but for rounding: scaled by all)
-        n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in model.named_parameters()}
+    return ran == sorted(plan.collectives + own.get(out.kind, [])), {"output": rel_err(y, model(ids))} | {
+        n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in model.named_parameters()}  # (a key bias's
+    # gradient is 0 but for rounding: each error is scaled by the largest gradient)
 
 
 @pytest.mark.parametrize("constraint", ["weights", "activations"])
 @pytest.mark.parametrize("t", [2, 4])
 @pytest.mark.parametrize("name", ["gpt2", "neox", "falcon", "roberta"])
 def test_whole_huggingface_models_on_ids_shard_equal(world, name, t, constraint):
-    for errors in world.run(task_hf_model, name=name, t=t, constraint=constraint):
-        assert errors is None or max(errors.values()) < TOL, errors
+    """Equal, and running exactly the plan's collectives, each priced at its tensor's own dtype (RoBERTa's
+    position ids are int32)."""
+    for result in world.run(task_hf_model, name=name, t=t, constraint=constraint):
+        if result is not None:
+            same, errors = result
+            assert same, "the collectives run differ from the plan's"
+            assert max(errors.values()) < TOL, errors
 
 
 class GPTWithLoss(TiedGPT):
