@@ -227,6 +227,20 @@ def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n
     _align(g, node, out, [bias] if bias is not None else [])
     return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
+def _conv(g, node, a):
+    """conv1d/2d/3d: x[b, i, *space] W[o, i, *kernel] -> y[b, o, *space'], a contraction over i (as linear's, the
+    bias added along o); space and kernel whole."""
+    x, w, bias = a["input"], a["weight"], a.get("bias")
+    if a["groups"] != 1:
+        raise ValueError(f"no sharding rule for a convolution of groups={a['groups']} ({source(node)})")
+    dx, dw = g.dims(x), g.dims(w)
+    batched = int(len(dx) == len(dw))  # (an unbatched input has no b)
+    g.idx.unify(dx[batched], dw[1], source(node))
+    out = dx[:batched] + [dw[0]] + _fresh(g, g.shape(node)[batched + 1:], node.name)
+    _align(g, node, [dw[0]], [bias] if bias is not None else [])
+    return Law([out], whole=tuple(dx[batched + 1:] + dw[2:] + out[batched + 1:]), summed=(dx[batched],),
+               linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
+
 def _norm(g, node, a):
     x, k, dx = a["input"], len(a["normalized_shape"]), g.dims(a["input"])
     _align(g, node, dx[-k:], [p for p in (a.get("weight"), a.get("bias")) if p is not None])
@@ -376,6 +390,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "x, y"),
     ("argmax argmin", _reduction(False, saves=False), "x[i, j] -> y[i]", "j", "-", "-"),
     ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
+     "x, W"),
+    ("conv1d conv2d conv3d", _conv, "x[b, i, ...] W[o, i, ...] b[o] -> y[b, o, ...]", "the spatial dims", "x with b",
      "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
     ("cumsum", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
@@ -1064,7 +1080,7 @@ class Sharded(torch.nn.Module):
         for v in g.outputs:  # to the next block's placement (priced), then to the full outputs (not)
             rd = v and g.values[v].kind != "constant" and returning(g, plan.first, v, plan.placements[v])
             outputs.append(self._full(self._read(v, rd, env, moved)[0], v, rd.placement) if rd else env.get(v))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return torch.utils._pytree.tree_unflatten(outputs, g.ep.call_spec.out_spec)  # as the module returns them
 
     def _read(self, v, rd, env, moved):
         """Value v as an op reads it (rd), and its chain of moves: each prefix of the plan's chain made once. A

@@ -1028,6 +1028,44 @@ def test_a_module_returning_a_loss_shards_equal(world, loss, t, constraint):
         assert errors is None or max(errors.values()) < TOL, errors
 
 
+def task_vit(ctx, t):
+    """transformers' ViTModel on pixels (dims "B Ch H W"): a strided Conv2d cuts the patches, a class token is
+    expanded and concatenated, position embeddings added."""
+    group = ctx.group(t)
+    if ctx.rank >= t:
+        return None
+    import transformers as tf
+    torch.manual_seed(12)
+    cfg = tf.ViTConfig(hidden_size=8 * t, num_attention_heads=t, intermediate_size=16 * t, num_hidden_layers=2,
+                       image_size=8, patch_size=4, num_channels=3)
+    model = tf.ViTModel(cfg, add_pooling_layer=False).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.3)
+    pixels = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    plan = autoshard.discover(model, (pixels.detach(),), t, dims=("B Ch H W",))
+    sharded = autoshard.shard(model, plan, group)
+    y = sharded(pixels).last_hidden_state
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    (y * w).sum().backward()
+    mine, pixels.grad = pixels.grad, None
+    expected = model(pixels).last_hidden_state
+    (expected * w).sum().backward()
+    grads, scale = sharded.full_grads(), max(p.grad.abs().max() for p in model.parameters())
+    convs = [v for v in plan.graph.values.values() if v.target == "embeddings.patch_embeddings.projection.weight"]
+    return plan.placements[convs[0].name].kind, {"output": rel_err(y, expected), "pixels": rel_err(mine, pixels.grad)} | {
+        n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("t", [2, 4])
+def test_a_whole_vision_transformer_on_pixels_shards_equal(world, t):
+    for result in world.run(task_vit, t=t):
+        if result is not None:
+            conv, errors = result
+            assert conv == "S", "the patch embedding's convolution is a weight: split"
+            assert max(errors.values()) < TOL, errors
+
+
 def task_shard_errors(ctx):
     plan = plan_of("llama", t=4)
     module, _ = built("llama", 2, 16, 64, 8, "cpu")
