@@ -346,12 +346,15 @@ def _gather(g, node, a):
             whole += [g.dims(x)[d], g.dims(ix)[d]]
     return Law([g.dims(ix)], whole=tuple(whole), linear=((x,),), saves=(ix,))
 
-def _index(g, node, a):  # x[.., i[...], ..] (aten.index) with one tensor of indices, at dim k: k whole
-    x, found = a["self"], [(k, i) for k, i in enumerate(a["indices"]) if i is not None]
-    if len(found) != 1:
-        raise ValueError(f"no sharding rule for indexing by {len(found)} tensors ({source(node)}): index one dim")
-    (k, i), dx = found[0], g.dims(x)
-    return Law([dx[:k] + g.dims(i) + dx[k + 1:]], whole=(dx[k],), linear=((x,),), saves=(i,))
+def _index(g, node, a):
+    """x[.., i, j, ..] (aten.index): the index tensors broadcast together replace the dims they index (moved to
+    the front if those are not adjacent, as torch moves them); the indexed dims whole."""
+    x, dx, ks = a["self"], g.dims(a["self"]), [k for k, i in enumerate(a["indices"]) if i is not None]
+    ins = [a["indices"][k] for k in ks]
+    picked = _align(g, node, [()] * (len(g.shape(node)) - len(dx) + len(ks)), ins)
+    rest = [d for k, d in enumerate(dx) if k not in ks]
+    out = dx[:ks[0]] + picked + dx[ks[-1] + 1:] if ks == list(range(ks[0], ks[-1] + 1)) else picked + rest
+    return Law([out], whole=tuple(dx[k] for k in ks), linear=((x,),), saves=tuple(ins))
 
 def _broadcast(g, node, a):  # broadcast_tensors: each input to their one shape
     xs, shape = a["tensors"], node.meta["val"][0].shape
@@ -383,8 +386,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "x, y"),
     ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
     ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
-    ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan", _pointwise("", ""), "x[...] -> z[...]",
-     "-", "-", "-"),
+    ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan __and__ __or__ bitwise_and bitwise_or",
+     _pointwise("", ""), "x[...] -> z[...]", "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
     ("amax amin var std logsumexp linalg_vector_norm prod max min", _reduction(False), "x[i, j] -> y[i]", "j", "-",
      "x, y"),

@@ -888,7 +888,8 @@ class HFModel(nn.Module):
     """A whole transformers model on ids (its last hidden state out), as from_pretrained would give it, its KV
     cache (which starts as an empty tensor) on: GPT2Model, GPTNeoXModel (rotary), or FalconModel (one k, v head
     indexed out of the fused projection by a list, attention and MLP in parallel, summed in place by +=), or
-    RobertaModel (position ids a cumsum of the ids' padding mask)."""
+    RobertaModel (position ids a cumsum of the ids' padding mask), or BertModel given an attention mask that pads
+    a sequence (the mask made by advanced indexing with two index tensors, and by &)."""
 
     def __init__(self, name, V, C, H, T):
         super().__init__()
@@ -899,6 +900,10 @@ class HFModel(nn.Module):
             self.model = tf.RobertaModel(tf.RobertaConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
                                                           intermediate_size=4 * C, num_hidden_layers=2,
                                                           max_position_embeddings=T + 2), add_pooling_layer=False)
+        elif name == "bert":
+            self.model = tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
+                                                    intermediate_size=4 * C, num_hidden_layers=2,
+                                                    max_position_embeddings=T), add_pooling_layer=False)
         elif name == "falcon":
             self.model = tf.FalconModel(tf.FalconConfig(vocab_size=V, hidden_size=C, num_attention_heads=H,
                                                         num_hidden_layers=2, max_position_embeddings=T))
@@ -908,8 +913,8 @@ class HFModel(nn.Module):
                                                           max_position_embeddings=T))
         self.model.eval()
 
-    def forward(self, ids):
-        return self.model(input_ids=ids).last_hidden_state
+    def forward(self, ids, *mask):
+        return self.model(input_ids=ids, attention_mask=mask[0] if mask else None).last_hidden_state
 
 
 def task_hf_model(ctx, name, t, constraint):
@@ -923,26 +928,29 @@ def task_hf_model(ctx, name, t, constraint):
         for p in model.parameters():  # every weight, bias and norm nonzero and not 1
             p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.3)
     ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(7))
-    plan = autoshard.discover(model, (ids,), t, dims=("B T",), constraint=constraint)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, T // 2 + 1:] = 0  # the first sequence padded
+    inputs = (ids, mask) if name == "bert" else (ids,)
+    plan = autoshard.discover(model, inputs, t, dims=("B T",) * len(inputs), constraint=constraint)
     sharded = autoshard.shard(model, plan, group)
     w = torch.randn(2, T, C, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    (model(ids) * w).sum().backward()
+    (model(*inputs) * w).sum().backward()
     with ledgers.collective_log() as forward:
-        y = sharded(ids)
+        y = sharded(*inputs)
     with ledgers.collective_log() as backward:
         (y * w).sum().backward()
     ran = sorted([("forward", op, n) for _, _, op, n in forward] + [("backward", op, n) for _, _, op, n in backward])
     out = plan.placements[plan.graph.outputs[0]]  # shard's own (not priced): the output made whole
     own = {"P": [("forward", "all-reduce", y.numel() * 8)], "S": [("forward", "all-gather", y.numel() * 8)]}
     grads, scale = sharded.full_grads(), max(p.grad.abs().max() for p in model.parameters())
-    return ran == sorted(plan.collectives + own.get(out.kind, [])), {"output": rel_err(y, model(ids))} | {
+    return ran == sorted(plan.collectives + own.get(out.kind, [])), {"output": rel_err(y, model(*inputs))} | {
         n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in model.named_parameters()}  # (a key bias's
     # gradient is 0 but for rounding: each error is scaled by the largest gradient)
 
 
 @pytest.mark.parametrize("constraint", ["weights", "activations"])
 @pytest.mark.parametrize("t", [2, 4])
-@pytest.mark.parametrize("name", ["gpt2", "neox", "falcon", "roberta"])
+@pytest.mark.parametrize("name", ["gpt2", "neox", "falcon", "roberta", "bert"])
 def test_whole_huggingface_models_on_ids_shard_equal(world, name, t, constraint):
     """Equal, and running exactly the plan's collectives, each priced at its tensor's own dtype (RoBERTa's
     position ids are int32)."""
