@@ -43,14 +43,14 @@ SIZES = {  # the memory shape keeps GPT-3's ratio 5as/h = 80 (s=2048, a=96, h=12
                  time=dict(L=2, s=512, h=256, a=8, V=256, b=2, reps=15, dropout=(16, 1024, 1024)),
                  floor=dict(L=4, s=256, h=256, a=8, V=8192, b=8, reps=15),
                  cuda=dict(L=4, s=2048, h=2048, a=16, V=50304, b=1, reps=10, kernels=dict(s=2048, reps=50)),
-                 autoshard=dict(h=4096, a=32, F=11008, s=4096, stack=8)),
+                 autoshard=dict(h=4096, a=32, F=11008, s=4096, stack=8, layers=32)),
     "quick": dict(memory=dict(s=256, h=128, a=8, b=1), attention=dict(seqs=(128, 256), h=128, a=8, b=1),
                   flops=dict(L=2, s=128, h=64, a=4, V=128, b=1),
                   frontier=dict(L=3, s=64, h=64, a=8, V=128, b=1),
                   time=dict(L=1, s=64, h=64, a=4, V=128, b=1, reps=3, dropout=(2, 64, 64)),
                   floor=dict(L=2, s=64, h=64, a=4, V=256, b=2, reps=3),
                   cuda=dict(L=2, s=512, h=512, a=8, V=1024, b=1, reps=3, kernels=dict(s=256, reps=5)),
-                  autoshard=dict(h=256, a=8, F=688, s=256, stack=2)),
+                  autoshard=dict(h=256, a=8, F=688, s=256, stack=2, layers=2)),
 }
 PAPER_MODELS = [("GPT-3 175B", dict(L=96, s=2048, h=12288, V=51200)),
                 ("MT-NLG 530B", dict(L=105, s=2048, h=20480, V=51200))]
@@ -620,39 +620,58 @@ def bench_frontier(size, groups):
 # 7. autoshard's search
 
 
-def _timed_discover(autoshard, module, x, t):
+def _timed_discover(autoshard, module, x, t, dims=None):
     """Seconds to trace and name the module, to search it, and to discover (both, as a user calls it), and discover's
     CPU seconds."""
     start = time.perf_counter()
-    g = autoshard.Graph(module, (x,))
+    g = autoshard.Graph(module, (x,), dims)
     traced, start = time.perf_counter() - start, time.perf_counter()
     autoshard.solve(g, t, "weights")
     searched, start, cpu = time.perf_counter() - start, time.perf_counter(), time.process_time()
-    autoshard.discover(module, (x,), t)
+    autoshard.discover(module, (x,), t, dims)
     return traced, searched, time.perf_counter() - start, time.process_time() - cpu
+
+
+class _LastHidden(torch.nn.Module):  # a transformers model, ids in, its last hidden state out
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).last_hidden_state
 
 
 def bench_autoshard(size, t=8):
     """autoshard.discover on one Llama block (test_autoshard's, written in plain torch) on the meta device, then on
-    a stack of them: the seconds to trace and name it, the seconds to search it, and what it found."""
+    a stack of them, then on transformers' whole LlamaModel of that shape (ids in, bfloat16): the seconds to trace
+    and name it, the seconds to search it, and what it found."""
+    import transformers
+
     import autoshard
     from test_autoshard import Llama
 
     autoshard.discover(Llama(64, 8, 96, 16), (torch.zeros(1, 16, 64),), 2)  # torch.export's first call imports much
     h, a, F, s, n = size["h"], size["a"], size["F"], size["s"], size["stack"]
     rows, out = [], []
-    for blocks in (1, n):
+    cfg = transformers.LlamaConfig(hidden_size=h, num_attention_heads=a, intermediate_size=F, vocab_size=32000,
+                                   num_hidden_layers=size["layers"], max_position_embeddings=s)
+    for blocks in (1, n, "model"):
         with torch.device("meta"):
-            module = Llama(h, a, F, s) if blocks == 1 else torch.nn.Sequential(*(Llama(h, a, F, s) for _ in range(blocks)))
-            x = torch.empty(1, s, h)
-        traced, searched, seconds, cpu = (min(r) for r in zip(*(_timed_discover(autoshard, module, x, t) for _ in range(3))))
-        plan = autoshard.discover(module, (x,), t)
+            module = Llama(h, a, F, s) if blocks == 1 else torch.nn.Sequential(*(Llama(h, a, F, s) for _ in range(n))) \
+                if blocks == n else _LastHidden(transformers.LlamaModel(cfg).bfloat16())
+            ids = torch.zeros(1, s, dtype=torch.long)
+            x, dims = (ids, "B T") if blocks == "model" else (torch.empty(1, s, h), None)
+        tries = [_timed_discover(autoshard, module, x, t, dims) for _ in range(3 if blocks != "model" else 1)]
+        traced, searched, seconds, cpu = (min(r) for r in zip(*tries))
+        plan = autoshard.discover(module, (x,), t, dims)
         out.append(dict(blocks=blocks, trace_s=traced, search_s=searched, discover_s=seconds, discover_cpu_s=cpu,
                         bytes_sent=plan.bytes_sent, collectives=len(plan.collectives)))
-        rows.append((f"{blocks} block{'s' * (blocks > 1)}", f"{traced:.2f}", f"{searched:.2f}", f"{seconds:.2f}",
-                     f"{cpu:.2f}", f"{plan.bytes_sent / 2**20:,.0f}", len(plan.collectives)))
+        name = f"transformers' LlamaModel, {size['layers']} layers, ids in" if blocks == "model" else \
+            f"{blocks} block{'s' * (blocks > 1)}"
+        rows.append((name, f"{traced:.2f}", f"{searched:.2f}", f"{seconds:.2f}", f"{cpu:.2f}",
+                     f"{plan.bytes_sent / 2**20:,.0f}", len(plan.collectives)))
     table(f"7. autoshard: a Llama block (h={h}, {a} heads, F={F}, s={s}, b=1) planned on the meta device at t={t}, "
-          f"best of 3 (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+          f"best of 3 (the whole model: once; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
           ["module", "trace and name, s", "search, s", "discover, s", "discover, CPU s", "MiB sent per rank",
            "collectives"], rows)
     print(f"\nThe stack of {n}: discover takes {out[1]['discover_s'] / out[0]['discover_s']:.1f}x one block's time, its "
