@@ -802,7 +802,7 @@ def search(g, t, constraint, start, stop, states):
     the cheapest way to each state is kept, which is exact, since what happens after depends on nothing else.
     states: {state: (score, the choices so far)}."""
     for k in range(start, stop):
-        op, following = g.ops[k], {}
+        following = {}
         for state, (score, path) in states.items():
             live = dict(zip(g.live[k], state))
             for choice in choices(g, k, t, live, constraint):
