@@ -454,7 +454,7 @@ class Graph:
     def __init__(self, module, example_inputs, dims=None):
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.module, self.names = type(module).__name__, _dim_names(inputs, dims)
-        self.shapes_in = [x.shape for x in inputs]
+        self.shapes_in, self.inputs_in = [x.shape for x in inputs], [x.to("meta") for x in inputs]
         floating = [x for x in (*inputs, *module.parameters()) if x.is_floating_point()]  # (a norm's statistics')
         self.element_size = floating[0].element_size() if floating else 4
         self.ep = trace(module, inputs)
@@ -1043,12 +1043,16 @@ class Sharded(torch.nn.Module):
                                  f"plan's is {v.shape} {want.dtype}")
             self.local[v.name] = torch.nn.Parameter(self._part(w.detach(), v.name).clone(), w.requires_grad)
             self.names[v.name] = [n for n, x in full.items() if x is w]
+        device = next(iter(self.local.values()), torch.empty(0)).device
         self.constants = {v.name: full.get(v.target, g.ep.constants.get(v.target)) for v in g.values.values()
                           if v.kind == "constant" and v.target}  # buffers and tensor constants (not made by ops)
+        if any(c.is_meta for c in self.constants.values()):  # tensors made in forward (x[:, [-2]], a KV cache's
+            again = trace(module, tuple(torch.zeros(x.shape, dtype=x.dtype, device=device) for x in g.inputs_in))
+            self.constants |= {v.name: again.constants[v.target] for v in g.values.values()  # start), traced on meta:
+                               if v.name in self.constants and v.target in again.constants}  # traced again, real
         if any(c.is_meta for c in self.constants.values()):
             raise ValueError(f"{type(module).__name__}'s tensor constants were traced on the meta device: discover on "
                              f"an instance with real buffers, or make them buffers")
-        device = next(iter(self.local.values()), torch.empty(0)).device
         for node, outs in g.constants:  # masks, rotary tables: made whole on every rank, once
             env = self.constants | {x.name: torch.empty(g.shape(x), dtype=x.meta["val"].dtype, device=device)
                                     for x in _nodes(node.args) if x.name not in self.constants}  # full_like(x)

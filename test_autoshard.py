@@ -931,7 +931,10 @@ def task_hf_model(ctx, name, t, constraint):
     mask = torch.ones(2, T, dtype=torch.long)
     mask[0, T // 2 + 1:] = 0  # the first sequence padded
     inputs = (ids, mask) if name == "bert" else (ids,)
-    plan = autoshard.discover(model, inputs, t, dims=("B T",) * len(inputs), constraint=constraint)
+    with torch.device("meta"):  # the plan found on a meta-device copy (tensors made in forward lose their values)
+        meta = HFModel(name, V, C, H, T).double()
+    plan = autoshard.discover(meta, tuple(x.to("meta") for x in inputs), t, dims=("B T",) * len(inputs),
+                              constraint=constraint)
     sharded = autoshard.shard(model, plan, group)
     w = torch.randn(2, T, C, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     (model(*inputs) * w).sum().backward()
