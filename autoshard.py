@@ -40,7 +40,8 @@ import nanosp
 
 CONSTRAINTS = {"none": "any plan, replicating everything included",
                "weights": "every weight matrix split over the t ranks, and no collective moves a weight",
-               "activations": "weights split, and every floating activation a rank keeps for backward split too"}
+               "activations": "weights split, and every floating activation a rank keeps for backward split too "
+                              "(but one no dimension of which t divides: a loss)"}
 
 # 1. trace -------------------------------------------------------------------------------------
 
