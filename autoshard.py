@@ -56,7 +56,7 @@ def trace(module, inputs):
     names = {op_name(node) for node in ep.graph.nodes if node.op == "call_function"}
     if names & LOSSES or any(n.endswith("_") and not n.startswith("_") for n in names):  # x += y: made x + y
         table = torch.export.default_decompositions()  # only the losses': into ops that have rules
-        for op in [op for op in table.keys() if op.name().split("::")[-1].split(".")[0] not in LOSSES]:
+        for op in [op for op in table.keys() if op_name(op) not in LOSSES]:
             del table[op]
         ep = ep.run_decompositions(table)
     for node in ep.graph.nodes:
@@ -82,8 +82,9 @@ def source(node):
     found = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.meta.get("stack_trace") or "")
     return f"{os.path.basename(found[-1][0])}:{found[-1][1]} `{found[-1][2].strip()}`" if found else node.name
 
-def op_name(node):
-    return node.target.name().split("::")[-1].split(".")[0] if hasattr(node.target, "name") else str(node.target)
+def op_name(node):  # (or of an op)
+    target = getattr(node, "target", node)
+    return target.name().split("::")[-1].split(".")[0] if hasattr(target, "name") else str(target)
 
 def named_args(node):
     """An op's arguments by the names of its ATen schema, defaults filled in."""
@@ -553,10 +554,10 @@ class Graph:
             twins = [(key, self.idx.pairs(a, b, where)) for where, key, a, b in self.twins]
         for v in self.values.values():
             v.dims = [E(d) for d in self.dims(v)]
-        self.renames = {}
+        renames = {}
         for (op, *read), pairs in twins:
-            self.renames.setdefault(op, {}).setdefault(read[0] if read else None, {}).update(pairs)
-        self.out_twin = self.renames.get("output", {}).get(None, {})  # input 0's index -> the output's
+            renames.setdefault(op, {}).setdefault(read[0] if read else None, {}).update(pairs)
+        self.out_twin = renames.get("output", {}).get(None, {})  # input 0's index -> the output's
 
         def names(xs):
             return frozenset(getattr(x, "name", x) for x in xs if x is not None)
@@ -567,7 +568,7 @@ class Graph:
         self.ops = [op._replace(law=op.law._replace(
             whole=indices(op.law.whole), summed=indices(op.law.summed), affine=names(op.law.affine),
             saves=names(op.law.saves), linear=tuple(names(gr) for gr in op.law.linear if gr),
-            new=tuple([E(d) for d in ds] for ds in op.law.new), twins=self.renames.get(op.name, {})))
+            new=tuple([E(d) for d in ds] for ds in op.law.new), twins=renames.get(op.name, {})))
             for op in self.ops]
         self.last_read, born = {}, {self.inputs[0]: 0}
         for k, op in enumerate(self.ops):
@@ -793,10 +794,9 @@ def stepped(g, t, constraint, k, choice, live):  # step, once for each state of 
 
 def returning(g, first, v, p):
     """An output's last read: the module's output returns to its input's placement; any other is taken as it is."""
-    back = first if g.aligned and v == g.outputs[0] else p
-    if back.kind == "S" and g.aligned and v == g.outputs[0]:  # input 0's index, or its twin in the output
-        back = S(g.out_twin.get(back.index, back.index))
-    return Read(back, grad_placement(back))
+    if g.aligned and v == g.outputs[0]:  # input 0's placement, its index read as its twin in the output if it has one
+        p = S(g.out_twin.get(first.index, first.index)) if first.kind == "S" else first
+    return Read(p, grad_placement(p))
 
 def search(g, t, constraint, start, stop, states):
     """The dynamic programme over ops start..stop: a state is the (placement, reads) of every live value, and only

@@ -621,15 +621,15 @@ def bench_frontier(size, groups):
 
 
 def _timed_discover(autoshard, module, x, t, dims=None):
-    """Seconds to trace and name the module, to search it, and to discover (both, as a user calls it), and discover's
-    CPU seconds."""
+    """Seconds to trace and name the module, to search it, and to discover (both, as a user calls it), discover's
+    CPU seconds, and the plan."""
     start = time.perf_counter()
     g = autoshard.Graph(module, (x,), dims)
     traced, start = time.perf_counter() - start, time.perf_counter()
     autoshard.solve(g, t, "weights")
     searched, start, cpu = time.perf_counter() - start, time.perf_counter(), time.process_time()
-    autoshard.discover(module, (x,), t, dims)
-    return traced, searched, time.perf_counter() - start, time.process_time() - cpu
+    plan = autoshard.discover(module, (x,), t, dims)
+    return traced, searched, time.perf_counter() - start, time.process_time() - cpu, plan
 
 
 class _LastHidden(torch.nn.Module):  # a transformers model, ids in, its last hidden state out
@@ -655,19 +655,18 @@ def bench_autoshard(size, t=8):
     rows, out = [], []
     cfg = transformers.LlamaConfig(hidden_size=h, num_attention_heads=a, intermediate_size=F, vocab_size=32000,
                                    num_hidden_layers=size["layers"], max_position_embeddings=s)
-    for blocks in (1, n, "model"):
-        with torch.device("meta"):
-            module = Llama(h, a, F, s) if blocks == 1 else torch.nn.Sequential(*(Llama(h, a, F, s) for _ in range(n))) \
-                if blocks == n else _LastHidden(transformers.LlamaModel(cfg).bfloat16())
-            ids = torch.zeros(1, s, dtype=torch.long)
-            x, dims = (ids, "B T") if blocks == "model" else (torch.empty(1, s, h), None)
-        tries = [_timed_discover(autoshard, module, x, t, dims) for _ in range(3 if blocks != "model" else 1)]
-        traced, searched, seconds, cpu = (min(r) for r in zip(*tries))
-        plan = autoshard.discover(module, (x,), t, dims)
+    with torch.device("meta"):  # (blocks, name, module, its input, the input's dims, how many tries)
+        cases = [(1, "1 block", Llama(h, a, F, s), torch.empty(1, s, h), None, 3),
+                 (n, f"{n} blocks", torch.nn.Sequential(*(Llama(h, a, F, s) for _ in range(n))), torch.empty(1, s, h),
+                  None, 3),
+                 ("model", f"transformers' LlamaModel, {size['layers']} layers, ids in",
+                  _LastHidden(transformers.LlamaModel(cfg).bfloat16()), torch.zeros(1, s, dtype=torch.long), "B T", 1)]
+    for blocks, name, module, x, dims, count in cases:
+        tries = [_timed_discover(autoshard, module, x, t, dims) for _ in range(count)]
+        traced, searched, seconds, cpu = (min(r[k] for r in tries) for k in range(4))
+        plan = tries[-1][-1]
         out.append(dict(blocks=blocks, trace_s=traced, search_s=searched, discover_s=seconds, discover_cpu_s=cpu,
                         bytes_sent=plan.bytes_sent, collectives=len(plan.collectives)))
-        name = f"transformers' LlamaModel, {size['layers']} layers, ids in" if blocks == "model" else \
-            f"{blocks} block{'s' * (blocks > 1)}"
         rows.append((name, f"{traced:.2f}", f"{searched:.2f}", f"{seconds:.2f}", f"{cpu:.2f}",
                      f"{plan.bytes_sent / 2**20:,.0f}", len(plan.collectives)))
     table(f"7. autoshard: a Llama block (h={h}, {a} heads, F={F}, s={s}, b=1) planned on the meta device at t={t}, "

@@ -719,6 +719,25 @@ def cases(draw, name, constraint):
                 seed=draw(st.integers(0, 2**30)))
 
 
+def ran_collectives(forward, backward):
+    """(phase, op, bytes) of each collective logged by ledgers.collective_log in forward and in backward, sorted."""
+    return sorted([("forward", op, n) for _, _, op, n in forward] + [("backward", op, n) for _, _, op, n in backward])
+
+
+def own_collectives(plan, y):
+    """shard's own conversion (not priced) of the first output, y, to the whole of it: the collective it runs."""
+    nbytes = y.numel() * y.element_size()
+    return {"P": [("forward", "all-reduce", nbytes)], "S": [("forward", "all-gather", nbytes)]}.get(
+        plan.placements[plan.graph.outputs[0]].kind, [])
+
+
+def grad_errors(grads, module):
+    """Each parameter's gradient error, relative to the largest gradient of them all (a key bias's gradient is 0 but
+    for rounding: relative to itself, its error would measure only that rounding)."""
+    scale = max(p.grad.abs().max() for p in module.parameters())
+    return {n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in module.named_parameters()}
+
+
 def task_equivalence(ctx, name, t, constraint, B, T, C, H, seed):
     """On every rank of a group of t: the plan discovered on a meta-device copy, a real float64 module sharded
     with it; outputs, input gradients and full_grads() against the unsharded module; the collectives logged
@@ -741,7 +760,7 @@ def task_equivalence(ctx, name, t, constraint, B, T, C, H, seed):
         ys = sharded(x)
     with ledgers.collective_log() as backward:
         (ys * w).sum().backward()
-    ran = sorted([("forward", op, n) for _, _, op, n in forward] + [("backward", op, n) for _, _, op, n in backward])
+    ran = ran_collectives(forward, backward)
     if plan.first.kind == "S":  # shard's own: the full input split (its gradient gathered), the output gathered
         n = x.numel() * x.element_size()
         ran.remove(("backward", "all-gather", n))
@@ -867,12 +886,10 @@ def task_tied_gpt(ctx, t, constraint):
         logits = sharded(idx)
     with ledgers.collective_log() as backward:
         (logits * w).sum().backward()
-    ran = sorted([("forward", op, n) for _, _, op, n in forward] + [("backward", op, n) for _, _, op, n in backward])
+    ran = ran_collectives(forward, backward)
     grads, want = sharded.full_grads(), dict(model.named_parameters(remove_duplicate=False))
     errors = {"logits": rel_err(logits, model(idx))} | {n: rel_err(grads[n], p.grad) for n, p in want.items()}
-    out = plan.placements[plan.graph.outputs[0]]  # shard's own (not priced): the logits made whole
-    own = {"P": [("forward", "all-reduce", logits.numel() * 8)], "S": [("forward", "all-gather", logits.numel() * 8)]}
-    return errors, sorted(grads) == sorted(want), ran == sorted(plan.collectives + own.get(out.kind, []))
+    return errors, sorted(grads) == sorted(want), ran == sorted(plan.collectives + own_collectives(plan, logits))
 
 
 @pytest.mark.parametrize("constraint", ["weights", "activations"])
@@ -944,13 +961,9 @@ def task_hf_model(ctx, name, t, constraint):
         y = sharded(*inputs)
     with ledgers.collective_log() as backward:
         (y * w).sum().backward()
-    ran = sorted([("forward", op, n) for _, _, op, n in forward] + [("backward", op, n) for _, _, op, n in backward])
-    out = plan.placements[plan.graph.outputs[0]]  # shard's own (not priced): the output made whole
-    own = {"P": [("forward", "all-reduce", y.numel() * 8)], "S": [("forward", "all-gather", y.numel() * 8)]}
-    grads, scale = sharded.full_grads(), max(p.grad.abs().max() for p in model.parameters())
-    return ran == sorted(plan.collectives + own.get(out.kind, [])), {"output": rel_err(y, model(*inputs))} | {
-        n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in model.named_parameters()}  # (a key bias's
-    # gradient is 0 but for rounding: each error is scaled by the largest gradient)
+    ran = ran_collectives(forward, backward)
+    errors = {"output": rel_err(y, model(*inputs))} | grad_errors(sharded.full_grads(), model)
+    return ran == sorted(plan.collectives + own_collectives(plan, y)), errors
 
 
 @pytest.mark.parametrize("constraint", ["weights", "activations"])
@@ -1064,10 +1077,9 @@ def task_vit(ctx, t):
     mine, pixels.grad = pixels.grad, None
     expected = model(pixels).last_hidden_state
     (expected * w).sum().backward()
-    grads, scale = sharded.full_grads(), max(p.grad.abs().max() for p in model.parameters())
     convs = [v for v in plan.graph.values.values() if v.target == "embeddings.patch_embeddings.projection.weight"]
-    return plan.placements[convs[0].name].kind, {"output": rel_err(y, expected), "pixels": rel_err(mine, pixels.grad)} | {
-        n: ((grads[n] - p.grad).abs().max() / scale).item() for n, p in model.named_parameters()}
+    errors = {"output": rel_err(y, expected), "pixels": rel_err(mine, pixels.grad)}
+    return plan.placements[convs[0].name].kind, errors | grad_errors(sharded.full_grads(), model)
 
 
 @pytest.mark.parametrize("t", [2, 4])
