@@ -358,6 +358,12 @@ def _index(g, node, a):
     out = dx[:ks[0]] + picked + dx[ks[-1] + 1:] if ks == list(range(ks[0], ks[-1] + 1)) else picked + rest
     return Law([out], whole=tuple(dx[k] for k in ks), linear=((x,),), saves=tuple(ins))
 
+def _sort(g, node, a):  # topk, sort: the values along dim k and their indices; k whole, the indices kept
+    x, dx = a["self"], list(g.dims(a["self"]))
+    k = a["dim"] % len(dx)
+    out = dx[:k] + _fresh(g, [node.meta["val"][0].shape[k]], f"{node.name}.{k}") + dx[k + 1:]
+    return Law([out, out], whole=(dx[k], out[k]), saves=tuple(u.name for u in node.users if u.args[1] == 1))
+
 def _broadcast(g, node, a):  # broadcast_tensors: each input to their one shape
     xs, shape = a["tensors"], node.meta["val"][0].shape
     return Law([_align(g, node, [()] * len(shape), xs)] * len(xs), view=True)
@@ -399,6 +405,11 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("conv1d conv2d conv3d", _conv, "x[b, i, ...] W[o, i, ...] b[o] -> y[b, o, ...]", "the spatial dims", "x with b",
      "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
+    ("view_as_complex", lambda g, node, a: Law([g.dims(a["self"])[:-1]], whole=tuple(g.dims(a["self"])[-1:]),
+                                                linear=((a["self"],),), view=True), "x[..., 2] -> y[...]", "the 2",
+     "x", "-"),
+    ("view_as_real", lambda g, node, a: Law([g.dims(a["self"]) + _fresh(g, [2], node.name)], linear=((a["self"],),),
+                                            view=True), "x[...] -> y[..., 2]", "-", "x", "-"),
     ("cumsum", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
                                       linear=((a["self"],),)), "x[..., j] -> y[..., j]", "j", "x", "-"),
     ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
@@ -417,6 +428,7 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
     ("gather", _gather, "x[.., v] i[.., j] -> y[.., j]", "v", "x", "i"),
     ("index", _index, "x[a, v, b] i[j] -> y[a, j, b]: x[:, i]", "v", "x", "i"),
+    ("topk sort", _sort, "x[.., j] -> y[.., k], i[.., k]", "j, k", "-", "i"),
     ("broadcast_tensors", _broadcast, "x[...] y[...] -> x[...] y[...] (broadcast)", "-", "-", "-"),
 ]
 RULE_OF = {name: rule for names, rule, *_ in RULES for name in names.split()}
@@ -455,7 +467,7 @@ class Graph:
 
     def __init__(self, module, example_inputs, dims=None):
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        self.module, self.names = type(module).__name__, _dim_names(inputs, dims)
+        self.module, self.names, self.given = type(module).__name__, *_dim_names(inputs, dims)
         self.shapes_in, self.inputs_in = [x.shape for x in inputs], [x.to("meta") for x in inputs]
         floating = [x for x in (*inputs, *module.parameters()) if x.is_floating_point()]  # (a norm's statistics')
         self.element_size = floating[0].element_size() if floating else 4
@@ -505,7 +517,7 @@ class Graph:
     def _leaf(self, node, spec):
         val, i = node.meta["val"], len(self.inputs)
         kind = {"USER_INPUT": "input", "PARAMETER": "parameter"}.get(spec.kind.name, "constant")
-        target, floating = f"input {i}" if kind == "input" else spec.target, val.is_floating_point()
+        target, floating = f"input {i}" if kind == "input" else spec.target, _floating(val)
         grad = floating and (kind == "input" or kind == "parameter" and self.ep.state_dict[target].requires_grad)
         v = self.values[node.name] = Value(node.name, tuple(val.shape), kind, target, grad, floating,
                                            val.element_size())
@@ -513,6 +525,8 @@ class Graph:
             self.inputs.append(node.name)
             v.dims = []
             for name, n in zip(self.names[i], v.shape):
+                while not self.given[i] and self.idx.size.get(name, n) != n:  # a default name, of another size
+                    name += "'"
                 if self.idx.size.get(name, n) != n:
                     raise ValueError(f"dims names {name} for sizes {self.idx.size[name]} and {n} ({target})")
                 v.dims.append((name if name in self.idx.size else self.idx.new(name, n),) if n > 1 else ())
@@ -528,7 +542,7 @@ class Graph:
         for o, t in zip(outs, _tensors_of(val)):
             if o:
                 self.values[o] = Value(o, tuple(t.shape), "constant" if constant else "activation",
-                                       grad=grad and t.is_floating_point(), floating=t.is_floating_point(),
+                                       grad=grad and _floating(t), floating=_floating(t),
                                        itemsize=t.element_size())
         if constant:  # made whole on every rank, once
             return self.constants.append((node, outs))
@@ -579,6 +593,9 @@ class Graph:
         self.last_read.update((o, len(self.ops)) for o in self.outputs if o and self.values[o].kind != "constant")
         self.live = [[v for v in born if born[v] <= k <= self.last_read.get(v, -1)] for k in range(len(self.ops) + 1)]
 
+def _floating(x):  # real or complex: differentiable
+    return x.is_floating_point() or x.is_complex()
+
 def _tensors_of(val):
     return [o for o in (val if isinstance(val, (list, tuple)) else [val]) if torch.is_tensor(o)]
 
@@ -595,7 +612,7 @@ def _dim_names(inputs, dims):
         if spec is not None and len(spec.split()) != x.dim():
             raise ValueError(f"dims[{i}]={spec!r} names {len(spec.split())} dimensions; input {i} has {x.dim()}: "
                              f"{tuple(x.shape)}")
-    return [(spec or "B T C").split() for spec in dims]
+    return [(spec or "B T C").split() for spec in dims], [spec is not None for spec in dims]
 
 # 4. price: placements, and the moves between them ---------------------------------------------
 # N is the whole tensor's bytes. Under the ring algorithm a rank sends 2(t-1)/t N for an all-reduce and
@@ -776,8 +793,8 @@ def step(g, t, constraint, k, choice, entries):
         reads |= {rd} - {Read(p, grad_placement(p))}  # (a read as it is placed costs nothing, and changes nothing)
         after[v] = None if g.last_read[v] == k else (p, reads)
         done += [(v, p, reads)] * (g.last_read[v] == k)
-    if "out" in law.saves and not all([keep((o, p), g.values[o].shape, p, g.values[o].itemsize)
-                                       for o, p in outs.items()]):
+    if not all([keep((o, p), g.values[o].shape, p, g.values[o].itemsize) or not g.values[o].floating
+                for o, p in outs.items() if "out" in law.saves or o in law.saves]):  # (topk's indices: kept, whole)
         return None
     for i, dims in enumerate(law.new):
         if not keep((op.name, i), [g.idx.size[f] for d in dims for f in d],

@@ -296,6 +296,58 @@ class MaxMLP(nn.Module):
         return x + self.down(torch.max(h, torch.zeros((), dtype=h.dtype)) - peak)
 
 
+class MetaLlama(nn.Module):
+    """A Llama block as Meta's reference code writes it: rotary as a complex product (view_as_complex of (d/2, 2)
+    pairs times a table made by torch.polar, view_as_real, flatten), H/2 k, v heads repeated by expand and
+    reshape before the transpose to (B, H, T, d), SDPA, SwiGLU, RMSNorm written out."""
+
+    def __init__(self, C, H, T):
+        super().__init__()
+        self.H, self.KV, self.d = H, H // 2, C // H
+        self.wq, self.wo = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.wk, self.wv = nn.Linear(C, self.KV * self.d, bias=False), nn.Linear(C, self.KV * self.d, bias=False)
+        self.w1, self.w3, self.w2 = nn.Linear(C, 2 * C, bias=False), nn.Linear(C, 2 * C, bias=False), nn.Linear(2 * C, C, bias=False)
+        self.attention_norm, self.ffn_norm = RMSNorm(C), RMSNorm(C)
+        angles = torch.outer(torch.arange(T, dtype=torch.float64),
+                             10000.0 ** -(torch.arange(0, self.d, 2, dtype=torch.float64) / self.d))
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def rotary(self, x):  # x: (B, T, heads, d)
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * self.freqs_cis[:x.shape[1], None]).flatten(3).type_as(x)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.attention_norm(x)
+        q = self.rotary(self.wq(h).view(B, T, self.H, self.d))
+        k = self.rotary(self.wk(h).view(B, T, self.KV, self.d))
+        v = self.wv(h).view(B, T, self.KV, self.d)
+        k, v = (z[:, :, :, None].expand(B, T, self.KV, 2, self.d).reshape(B, T, self.H, self.d) for z in (k, v))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class TopKMoE(nn.Module):
+    """Top-2 routing over E experts as small mixture-of-experts code writes it: the router's logits' topk, the two
+    weights' softmax, then every expert (an MLP) run on every token and weighted by its gate,
+    (weights * (indices == e)).sum(-1)."""
+
+    def __init__(self, C, E=4):
+        super().__init__()
+        self.router = nn.Linear(C, E, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
+                                     for _ in range(E))
+
+    def forward(self, x):
+        weights, indices = self.router(x).topk(2, dim=-1)
+        weights, out = weights.softmax(-1), torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (weights * (indices == e)).sum(-1, keepdim=True) * expert(x)
+        return x + out
+
+
 MODELS = {
     "llama": (lambda B, T, C, H: Llama(C, H, 3 * C // 2, T), None),
     "gptj": (lambda B, T, C, H: GPTJ(C, H, T), None),
@@ -310,6 +362,8 @@ MODELS = {
     "hfllama": (lambda B, T, C, H: HFLlama(C, H, T), None),
     "residual": (lambda B, T, C, H: ResidualLinears(C), None),
     "max": (lambda B, T, C, H: MaxMLP(C), None),
+    "metallama": (lambda B, T, C, H: MetaLlama(C, H, T), None),
+    "moe": (lambda B, T, C, H: TopKMoE(C), None),
     "layerscale": (lambda B, T, C, H: LayerScale(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
     "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
@@ -481,13 +535,15 @@ def test_huggingface_gpt2_block_is_megatron_and_sequence_parallel(t):
 
 
 @pytest.mark.parametrize("t", [2, 4])
-@pytest.mark.parametrize("name", ["vit", "chunkeinsum", "hfllama", "mistral"])
+@pytest.mark.parametrize("name", ["vit", "chunkeinsum", "hfllama", "mistral", "metallama"])
 def test_blocks_written_other_ways_are_megatron_and_sequence_parallel(name, t):
     """timm's qkv unbind(0), q, k, v by chunk(3) and attention by einsum with GEGLU's chunk(2), transformers'
-    LlamaDecoderLayer, Mistral's float32 RMSNorm and repeat_interleave (16 heads, 4 k, v heads): the Llama
-    block's f f̄ f f̄, 8 (t-1)/t N, heads split (q, k, v together, or k, v with the query heads that read them).
+    LlamaDecoderLayer, Mistral's float32 RMSNorm and repeat_interleave (16 heads, 4 k, v heads), Meta's Llama
+    with complex rotary: the Llama block's f f̄ f f̄, 8 (t-1)/t N, heads split (q, k, v together, or k, v with
+    the query heads that read them).
     Split activations: g ḡ g ḡ, each g re-gathered once, and the norms' weight (and bias) gradients summed."""
-    heads, norms = (16, 2) if name == "mistral" else (H, {"vit": 4, "chunkeinsum": 4, "hfllama": 2}[name])
+    norms = {"vit": 4, "chunkeinsum": 4}.get(name, 2)
+    heads = 16 if name == "mistral" else H
     plan = plan_of(name, t=t, H=heads)
     assert all(split_dim(plan, v.target) for v in plan.graph.values.values() if v.kind == "parameter" and v.shape[1:])
     assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 2), ("backward", "all-reduce", N, 2))
@@ -512,6 +568,51 @@ def test_fewer_key_value_heads_than_ranks_are_gathered(name, subblocks):
         ("forward", "all-reduce", N, subblocks), ("backward", "all-reduce", N, subblocks),
         ("forward", "all-gather", N // 4, 2), ("backward", "reduce-scatter", N // 4, 2))
     assert plan.bytes_sent == (4 * subblocks + 1) * N * (t - 1) // t
+
+
+@pytest.mark.parametrize("t", [2, 4])
+def test_top_k_routing_gathers_the_logits_and_reduces_the_experts_once(t):
+    """A top-2 mixture of 4 experts: the router split by experts, its logits (B T 4) all-gathered for topk
+    (forward only: topk's gradient comes back whole on every rank); each expert's MLP column then row, the four
+    weighted outputs added as partial sums and reduced once (f̄); the input's gradient by one f. Each gate
+    (B T 1) multiplies a partial sum, so its gradient is partial too: an all-reduce of B T E bytes each."""
+    plan = plan_of("moe", t=t)
+    assert all(split_dim(plan, v.target) for v in plan.graph.values.values() if v.kind == "parameter" and v.shape[1:])
+    assert sorted(plan.collectives) == collectives(
+        ("forward", "all-gather", B * T * 4 * E, 1), ("forward", "all-reduce", N, 1), ("backward", "all-reduce", N, 1),
+        ("backward", "all-reduce", B * T * E, 4))
+    assert plan.bytes_sent == (B * T * 4 * E + 4 * N + 4 * 2 * B * T * E) * (t - 1) // t
+
+
+class CrossAttention(nn.Module):
+    """A decoder's cross-attention: queries from x (B, T, C), keys and values from an encoder's memory (B, S, C)."""
+
+    def __init__(self, C, H):
+        super().__init__()
+        self.H, self.norm = H, nn.LayerNorm(C)
+        self.q, self.kv, self.o = nn.Linear(C, C), nn.Linear(C, 2 * C), nn.Linear(C, C)
+
+    def forward(self, x, memory):
+        (B, T, C), S = x.shape, memory.shape[1]
+        q = self.q(self.norm(x)).view(B, T, self.H, -1).transpose(1, 2)
+        k, v = self.kv(memory).view(B, S, 2, self.H, -1).permute(2, 0, 3, 1, 4)
+        return x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("t", [2, 4])
+def test_a_second_input_of_another_length_gets_dims_of_its_own(t):
+    """Both inputs 3-D, dims not given: each is "B T C", but the memory's S = 24 is not x's T = 16, so it is named
+    B T' C. Megatron's attention: f̄ forward on the output, f backward on the norm's output and on the memory."""
+    with torch.device("meta"):
+        module = CrossAttention(C, H).double()
+    x, memory = (torch.empty(B, n, C, device="meta", dtype=torch.float64) for n in (T, 24))
+    plan = autoshard.discover(module, (x, memory), t)
+    M = B * 24 * C * E
+    assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 1), ("backward", "all-reduce", N, 1),
+                                                   ("backward", "all-reduce", M, 1))
+    assert plan.bytes_sent == (4 * N + 2 * M) * (t - 1) // t
+    with pytest.raises(ValueError, match=r"dims names T for sizes 16 and 24 \(input 1\)"):  # named so: one size
+        autoshard.discover(module, (x, memory), t, dims=("B T C", "B T C"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,13 +752,13 @@ def test_the_plan_prints_each_weight_and_each_collective():
 # bad input: one line, a ValueError naming the op or the size
 
 
-class Sort(nn.Module):
+class RunningMax(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.lin(x).sort(1).values
+        return self.lin(x).cummax(1).values
 
 
 class Twice(nn.Module):  # W (W x): W's rows and columns are one index (not planned)
@@ -683,7 +784,7 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: autoshard.discover(Sort(), (meta(2, 4, 8),), 2), r"no sharding rule for aten.sort \(test_autoshard.py:\d+ "),
+    (lambda: autoshard.discover(RunningMax(), (meta(2, 4, 8),), 2), r"no sharding rule for aten.cummax \(test_autoshard.py:\d+ "),
     (lambda: autoshard.discover(TwoInputs(), (meta(2, 4, 8), meta(2, 1, 4, 4)), 2), r"input 1 has 4 dimensions \(2, 1, 4, 4\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 8),), 2), r"input 0 has 2 dimensions \(2, 8\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 4, 8),), 2, dims=("B T",)), r"dims\[0\]='B T' names 2"),
@@ -712,7 +813,7 @@ def test_bad_input_is_one_line_value_error(call, message):
 @st.composite
 def cases(draw, name, constraint):
     t = draw(st.sampled_from([2, 4]))
-    H = t * draw(st.integers(1, 2)) * (2 if name in ("gqa", "mistral", "hfllama") else 1)  # k, v heads H/2 or H/4
+    H = t * draw(st.integers(1, 2)) * (2 if name in ("gqa", "mistral", "hfllama", "metallama") else 1)  # k, v heads H/2 or H/4
     C = H * draw(st.sampled_from([2, 4])) * (4 if name == "narrow" else 1)
     T = t * draw(st.integers(1, 3)) if constraint == "activations" else draw(st.integers(2, 9))
     return dict(name=name, t=t, constraint=constraint, B=draw(st.integers(1, 3)), T=T, C=C, H=H,
@@ -1111,3 +1212,36 @@ def test_shard_refuses_a_group_module_or_input_that_does_not_fit_the_plan(world)
         assert "the group has 2 ranks; the plan was discovered for t=4" in found[0]
         assert "parameter attention_norm.weight is (32,) torch.float64; the plan's is (64,)" in found[1]
         assert "inputs of shapes [(2, 8, 64)]; the plan was discovered for [(2, 16, 64)]" in found[2]
+
+
+def task_cross_attention(ctx, t, constraint):
+    """CrossAttention on x (B, T, C) and a memory (B, S, C) of another length, dims not given: outputs, both inputs'
+    gradients and full_grads() against the unsharded module."""
+    group = ctx.group(t)
+    if ctx.rank >= t:
+        return None
+    gen = torch.Generator().manual_seed(21)
+    module = CrossAttention(8 * t, 2 * t).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    x, memory = (torch.randn(2, n, 8 * t, generator=gen, dtype=torch.float64, requires_grad=True) for n in (2 * t, 3))
+    plan = autoshard.discover(module, (x.detach(), memory.detach()), t, constraint=constraint)
+    sharded = autoshard.shard(module, plan, group)
+    y = sharded(x, memory)
+    w = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (y * w).sum().backward()
+    mine = [x.grad, memory.grad]
+    x.grad = memory.grad = None
+    expected = module(x, memory)
+    (expected * w).sum().backward()
+    errors = {"output": rel_err(y, expected), "x": rel_err(mine[0], x.grad), "memory": rel_err(mine[1], memory.grad)}
+    return errors | grad_errors(sharded.full_grads(), module)
+
+
+@pytest.mark.parametrize("constraint", ["weights", "activations"])
+@pytest.mark.parametrize("t", [2, 4])
+def test_cross_attention_on_a_memory_of_another_length_shards_equal(world, t, constraint):
+    for errors in world.run(task_cross_attention, t=t, constraint=constraint):
+        if errors is not None:
+            assert max(errors.values()) < TOL, errors
