@@ -46,28 +46,39 @@ CONSTRAINTS = {"none": "any plan, replicating everything included",
 # 1. trace -------------------------------------------------------------------------------------
 
 def trace(module, inputs):
-    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole, in-place
-    ops made functional, losses decomposed; the ops that only spell another (REWRITES) rewritten to it."""
+    """torch.export's training IR of module(*inputs): ATen ops, linear, layer_norm and sdpa kept whole; in-place
+    ops made functional, and an op without a rule decomposed into the ops it is made of (a loss into log_softmax,
+    gather and sum; F.glu, F.normalize, lerp...), if torch has a decomposition of it; the ops that only spell
+    another (REWRITES) rewritten to it."""
     try:
         ep = torch.export.export(module, inputs, strict=False)
     except Exception as e:  # export names the Python it could not trace: its first line, as one line
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"torch.export could not trace {type(module).__name__}: {first}") from e
-    names = {op_name(node) for node in ep.graph.nodes if node.op == "call_function"}
-    if names & LOSSES or any(n.endswith("_") and not n.startswith("_") for n in names):  # x += y: made x + y
-        table = torch.export.default_decompositions()  # only the losses': into ops that have rules
-        for op in [op for op in table.keys() if op_name(op) not in LOSSES]:
-            del table[op]
-        ep = ep.run_decompositions(table)
+    table, done, first = torch.export.default_decompositions(), set(), True
+    while True:  # (a decomposition may make ops without a rule of their own, but with a decomposition)
+        names = {op_name(node) for node in ep.graph.nodes if node.op == "call_function"}
+        unruled = {op for op in _varying_ops(ep) if op in table and rule_of(op) is None and op_name(op) not in MAKERS}
+        if not unruled - done and not (first and any(n.endswith("_") and n[0] != "_" for n in names)):
+            break  # (x += y is made x + y by any run_decompositions)
+        ep = ep.run_decompositions({op: table[op] for op in unruled - done})
+        done, first = done | unruled, False
     for node in ep.graph.nodes:
         if node.op == "call_function" and op_name(node) in REWRITES:
             node.target, node.args = REWRITES[op_name(node)](*node.args, **node.kwargs)
             node.kwargs = {}
     return ep
 
+def _varying_ops(ep):
+    """The ops that read an input or a parameter, at any remove (an op on buffers and constants alone, a causal
+    mask's triu, runs whole on every rank: it needs no rule)."""
+    kinds, varying = {s.arg.name: s.kind.name for s in ep.graph_signature.input_specs}, set()
+    for node in ep.graph.nodes:
+        if kinds.get(node.name) in ("USER_INPUT", "PARAMETER") or set(_nodes((node.args, node.kwargs))) & varying:
+            varying.add(node)
+    return {node.target for node in varying if node.op == "call_function"}
+
 aten = torch.ops.aten
-LOSSES = set("cross_entropy_loss nll_loss nll_loss_nd nll_loss_forward nll_loss2d nll_loss2d_forward mse_loss l1_loss "
-             "smooth_l1_loss huber_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div".split())
 REWRITES = {  # an op: the op it is, and that op's arguments
     "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-x.meta["val"].shape[dim] // n), dim)),  # ceil(d/n)
     "type_as": lambda x, other: (aten.to.dtype, (x, other.meta["val"].dtype)),
@@ -75,7 +86,14 @@ REWRITES = {  # an op: the op it is, and that op's arguments
     "reshape_as": lambda x, other: (aten.reshape.default, (x, list(other.meta["val"].shape))),
     "expand_as": lambda x, other: (aten.expand.default, (x, list(other.meta["val"].shape))),
     "mT": lambda x: (aten.transpose.int, (x, -2, -1)),
+    "movedim": lambda x, source, destination: (aten.permute.default, (x, _moved(x.meta["val"].dim(), source,
+                                                                              destination))),
 } | dict.fromkeys(["swapaxes", "swapdims"], lambda x, a, b: (aten.transpose.int, (x, a, b)))
+
+def _moved(n, source, destination):  # movedim's permutation
+    source, destination = ([d % n for d in ([ds] if isinstance(ds, int) else ds)] for ds in (source, destination))
+    rest = iter(d for d in range(n) if d not in source)
+    return [source[destination.index(k)] if k in destination else next(rest) for k in range(n)]
 
 def source(node):
     """'file.py:12 `code`': the line of the module's source that made an op (in its innermost forward)."""
@@ -85,6 +103,10 @@ def source(node):
 def op_name(node):  # (or of an op)
     target = getattr(node, "target", node)
     return target.name().split("::")[-1].split(".")[0] if hasattr(target, "name") else str(target)
+
+def rule_of(target):  # (max.other's own rule, else max's)
+    name = op_name(target)
+    return RULE_OF.get(f"{name}.{getattr(target, '_overloadname', '')}", RULE_OF.get(name))
 
 def named_args(node):
     """An op's arguments by the names of its ATen schema, defaults filled in."""
@@ -290,14 +312,23 @@ def _shape_op(g, node, a):
         whole, dx[k] = (dx[k], new), new
     return Law([dx], whole=whole, linear=((x,),), view=name != "expand")  # expand grows it: moves cost more after
 
+def _parts(g, node, d, n, size):  # dim d as (n parts, each of size): unified, its factors
+    parts = (g.idx.new(f"{node.name}:parts", n),) + tuple(_fresh(g, [size], node.name)[0])
+    g.idx.unify(d, parts, source(node))
+    return parts
+
+def _glu(g, node, a):  # F.glu: dim k as its two halves (2, rest), a * sigmoid(b) of size rest; the 2 whole
+    x, dx, k = a["self"], g.dims(a["self"]), a["dim"] % len(g.shape(a["self"]))
+    halves = _parts(g, node, dx[k], 2, g.shape(node)[k])
+    return Law([dx[:k] + [halves[1:]] + dx[k + 1:]], whole=(halves[:1],), saves=(x,))
+
 def _split(g, node, a):  # equal parts: the dim becomes (parts, rest), the parts whole; unequal parts: whole
     x, shapes, name = a["self"], [tuple(o.shape) for o in node.meta["val"]], op_name(node)
     dx, k = g.dims(x), a.get("dim", 0) % len(g.shape(x))
     if name == "unbind":
         return Law([dx[:k] + dx[k + 1:]] * len(shapes), whole=(dx[k],), linear=((x,),), view=True)
     if len(shapes) > 1 and len({s[k] for s in shapes}) == 1:
-        parts = (g.idx.new(f"{node.name}:parts", len(shapes)),) + tuple(_fresh(g, [shapes[0][k]], node.name)[0])
-        g.idx.unify(dx[k], parts, source(node))
+        parts = _parts(g, node, dx[k], len(shapes), shapes[0][k])
         return Law([dx[:k] + [parts[1:]] + dx[k + 1:]] * len(shapes), whole=(parts[:1],), linear=((x,),), view=True)
     outs = [dx[:k] + _fresh(g, [s[k]], f"{node.name}.{i}") + dx[k + 1:] for i, s in enumerate(shapes)]
     return Law(outs, whole=(dx[k],) + tuple(o[k] for o in outs), linear=((x,),), view=True)
@@ -350,7 +381,9 @@ def _gather(g, node, a):
 
 def _index(g, node, a):
     """x[.., i, j, ..] (aten.index): the index tensors broadcast together replace the dims they index (moved to
-    the front if those are not adjacent, as torch moves them); the indexed dims whole."""
+    the front if those are not adjacent, as torch moves them); the indexed dims whole. index_select: one, at dim."""
+    if op_name(node) == "index_select":
+        a = a | {"indices": [None] * (a["dim"] % len(g.shape(a["self"]))) + [a["index"]]}
     x, dx, ks = a["self"], g.dims(a["self"]), [k for k, i in enumerate(a["indices"]) if i is not None]
     ins = [a["indices"][k] for k in ks]
     picked = _align(g, node, [()] * (len(g.shape(node)) - len(dx) + len(ks)), ins)
@@ -363,6 +396,13 @@ def _sort(g, node, a):  # topk, sort: the values along dim k and their indices; 
     k = a["dim"] % len(dx)
     out = dx[:k] + _fresh(g, [node.meta["val"][0].shape[k]], f"{node.name}.{k}") + dx[k + 1:]
     return Law([out, out], whole=(dx[k], out[k]), saves=tuple(u.name for u in node.users if u.args[1] == 1))
+
+def _pad(g, node, a):  # constant_pad_nd: its pad's pairs from the last dim back; a padded dim a new index
+    x, dx, pad = a["self"], list(g.dims(a["self"])), a["pad"]
+    padded = [len(dx) - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]]
+    out = [_fresh(g, [g.shape(node)[k]], f"{node.name}.{k}")[0] if k in padded else d for k, d in enumerate(dx)]
+    return Law([out], whole=tuple(dx[k] for k in padded) + tuple(out[k] for k in padded),
+               linear=((x,),) * (a["value"] == 0))
 
 def _broadcast(g, node, a):  # broadcast_tensors: each input to their one shape
     xs, shape = a["tensors"], node.meta["val"][0].shape
@@ -389,16 +429,16 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("silu gelu relu elu leaky_relu softplus hardtanh log sin cos erf abs pow clamp log1p square mish hardswish "
      "log_sigmoid",
      _pointwise("inputs", ""), "x[...] -> y[...]", "-", "-", "x"),
-    ("sigmoid tanh exp rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
+    ("sigmoid tanh exp exp2 rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
     ("maximum minimum atan2 xlogy max.other min.other", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-",
      "x, y"),
     ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
     ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
-    ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan __and__ __or__ bitwise_and bitwise_or",
-     _pointwise("", ""), "x[...] -> z[...]", "-", "-", "-"),
+    ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan __and__ __or__ bitwise_and bitwise_or "
+     "sign floor ceil trunc round fmod remainder", _pointwise("", ""), "x[...] -> z[...]", "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
-    ("amax amin var std logsumexp linalg_vector_norm prod max min", _reduction(False), "x[i, j] -> y[i]", "j", "-",
-     "x, y"),
+    ("amax amin var std var_mean logsumexp linalg_vector_norm prod max min", _reduction(False), "x[i, j] -> y[i]", "j",
+     "-", "x, y"),
     ("argmax argmin", _reduction(False, saves=False), "x[i, j] -> y[i]", "j", "-", "-"),
     ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
      "x, W"),
@@ -422,12 +462,17 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("view reshape _unsafe_view flatten unflatten permute transpose t numpy_T unsqueeze squeeze expand slice select "
      "narrow", _shape_op, "x[(a b)] -> y[a, b]: factors regrouped, moved, added", "an uneven view; a sliced dim", "x",
      "-"),
+    ("glu", _glu, "x[(2 m)] -> y[m]", "the 2", "-", "x"),
     ("split split_with_sizes unbind", _split, "x[(n m)] -> n tensors y[m]", "n", "x", "-"),
     ("repeat_interleave repeat", _repeat, "x[a] -> y[(a r)], or y[(r a)]", "-", "x", "-"),
     ("einsum", _einsum, "its equation's letters", "-", "each operand", "its operands"),
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
     ("gather", _gather, "x[.., v] i[.., j] -> y[.., j]", "v", "x", "i"),
     ("index", _index, "x[a, v, b] i[j] -> y[a, j, b]: x[:, i]", "v", "x", "i"),
+    ("flip", lambda g, node, a: Law([g.dims(a["self"])], whole=tuple(g.dims(a["self"])[d] for d in a["dims"]),
+                                    linear=((a["self"],),)), "x[i] -> y[i], i reversed", "i", "x", "-"),
+    ("constant_pad_nd", _pad, "x[i] -> y[i']: i padded", "i, i'", "x (padded with 0)", "-"),
+    ("index_select", _index, "x[a, v, b] i[j] -> y[a, j, b]", "v", "x", "i"),
     ("topk sort", _sort, "x[.., j] -> y[.., k], i[.., k]", "j, k", "-", "i"),
     ("broadcast_tensors", _broadcast, "x[...] y[...] -> x[...] y[...] (broadcast)", "-", "-", "-"),
 ]
@@ -546,7 +591,7 @@ class Graph:
                                        itemsize=t.element_size())
         if constant:  # made whole on every rank, once
             return self.constants.append((node, outs))
-        rule = RULE_OF.get(f"{name}.{getattr(node.target, '_overloadname', '')}", RULE_OF.get(name))  # max.other
+        rule = rule_of(node.target)
         if rule is None:
             raise ValueError(f"no sharding rule for aten.{name} ({source(node)}); print_rules() lists the ops it knows")
         a = named_args(node)

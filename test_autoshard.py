@@ -306,7 +306,8 @@ class MetaLlama(nn.Module):
         self.H, self.KV, self.d = H, H // 2, C // H
         self.wq, self.wo = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
         self.wk, self.wv = nn.Linear(C, self.KV * self.d, bias=False), nn.Linear(C, self.KV * self.d, bias=False)
-        self.w1, self.w3, self.w2 = nn.Linear(C, 2 * C, bias=False), nn.Linear(C, 2 * C, bias=False), nn.Linear(2 * C, C, bias=False)
+        self.w1, self.w3 = nn.Linear(C, 2 * C, bias=False), nn.Linear(C, 2 * C, bias=False)
+        self.w2 = nn.Linear(2 * C, C, bias=False)
         self.attention_norm, self.ffn_norm = RMSNorm(C), RMSNorm(C)
         angles = torch.outer(torch.arange(T, dtype=torch.float64),
                              10000.0 ** -(torch.arange(0, self.d, 2, dtype=torch.float64) / self.d))
@@ -348,6 +349,30 @@ class TopKMoE(nn.Module):
         return x + out
 
 
+class Decomposed(nn.Module):
+    """An MLP through ops that have no rule of their own but a decomposition in torch (relu6, SELU, CELU, threshold,
+    hardshrink, nan_to_num, lerp, addcmul, tril, F.normalize) and ops with rules of their own (F.glu by its
+    halves, exp2, sign, floor; along T, a token shift by F.pad and a slice, flip, roll, index_select; movedim,
+    std_mean); and a side projection padded by 0.5, then summed. (Not hardsigmoid: eager's backward scales by a
+    float32 1/6, 3e-8 from float64's.)"""
+
+    def __init__(self, C):
+        super().__init__()
+        self.up, self.down, self.side = nn.Linear(C, 4 * C), nn.Linear(2 * C, C), nn.Linear(2 * C, C)
+
+    def forward(self, x):
+        T = x.shape[1]
+        a = F.glu(self.up(x), -1)
+        a = F.relu6(a) + F.selu(a) * F.celu(a) + F.threshold(a, 0.1, -1.0) + F.hardshrink(a, 0.2)
+        a = torch.lerp(a, torch.addcmul(a, a, a, value=0.5), 0.3) + torch.nan_to_num(a.exp2()) * a.sign() * a.floor()
+        y = self.down(a)
+        reverse = torch.arange(T - 1, -1, -1, device=x.device)
+        y = y + F.pad(y, (0, 0, 1, 0))[:, :-1].flip(1).roll(1, 1).index_select(1, reverse)
+        y = torch.tril(y.movedim(1, 2)).movedim(2, 1)
+        side = F.pad(self.side(a), (0, 1), value=0.5).sum(-1, keepdim=True)
+        return x + F.normalize(y, dim=-1) * torch.std_mean(y, -1, keepdim=True)[0] + side
+
+
 MODELS = {
     "llama": (lambda B, T, C, H: Llama(C, H, 3 * C // 2, T), None),
     "gptj": (lambda B, T, C, H: GPTJ(C, H, T), None),
@@ -364,6 +389,7 @@ MODELS = {
     "max": (lambda B, T, C, H: MaxMLP(C), None),
     "metallama": (lambda B, T, C, H: MetaLlama(C, H, T), None),
     "moe": (lambda B, T, C, H: TopKMoE(C), None),
+    "decomposed": (lambda B, T, C, H: Decomposed(C), None),
     "layerscale": (lambda B, T, C, H: LayerScale(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
     "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
@@ -584,6 +610,47 @@ def test_top_k_routing_gathers_the_logits_and_reduces_the_experts_once(t):
     assert plan.bytes_sent == (B * T * 4 * E + 4 * N + 4 * 2 * B * T * E) * (t - 1) // t
 
 
+@pytest.mark.parametrize("t", TS)
+def test_ops_decomposed_or_along_t_plan_as_megatron_and_sequence_parallel(t):
+    """Decomposed: F.glu split as its two halves (the up projection's columns, each rank both halves' shares), the
+    elementwise ops split along them; the row-parallel down projection's partial sums carried through the token
+    shift, flip, roll, index_select and tril (all linear) to the normalize, and the side projection's reduced
+    before its F.pad by 0.5 (not linear: t ranks' pads would add up to t times 0.5). f once, f̄ for each
+    projection: 6 (t-1)/t N. Split activations: g (re-gathered once), a ḡ for each, along T: 7 (t-1)/t N."""
+    plan = plan_of("decomposed", t=t)
+    assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 2), ("backward", "all-reduce", N, 1))
+    sp = plan_of("decomposed", t=t, constraint="activations")
+    assert sorted(sp.collectives) == collectives(("forward", "all-gather", N, 1), ("forward", "reduce-scatter", N, 2),
+                                                 ("backward", "reduce-scatter", N, 1), ("backward", "all-gather", N, 3))
+    assert (plan.bytes_sent, sp.bytes_sent) == (6 * N * (t - 1) // t, 7 * N * (t - 1) // t)
+
+
+class AlongT(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return x + self.op(x)
+
+
+ALONG_T = {"flip": lambda x: x.flip(1), "roll": lambda x: x.roll(1, 1), "cumsum": lambda x: x.cumsum(1),
+           "token shift": lambda x: F.pad(x, (0, 0, 1, 0))[:, :-1],
+           "reverse": lambda x: x.index_select(1, torch.arange(x.shape[1] - 1, -1, -1, device=x.device))}
+
+
+@pytest.mark.parametrize("t", [2, 4])
+@pytest.mark.parametrize("op", ALONG_T)
+def test_an_op_along_t_gathers_a_sequence_split_input(op, t):
+    """x + op(x), x split along T: op needs all of T, so x is all-gathered, and op's output split again for the add
+    (its gradient all-gathered back): 2 (t-1)/t N. Were T not whole for op, each rank would flip (roll, shift...)
+    only its own part, for nothing sent."""
+    module, x = AlongT(ALONG_T[op]), torch.empty(B, T, 8, device="meta", dtype=torch.float64)
+    plan = autoshard.discover(module, (x,), t, constraint="activations")
+    n = B * T * 8 * E
+    assert sorted(plan.collectives) == collectives(("forward", "all-gather", n, 1), ("backward", "all-gather", n, 1))
+
+
 class CrossAttention(nn.Module):
     """A decoder's cross-attention: queries from x (B, T, C), keys and values from an encoder's memory (B, S, C)."""
 
@@ -784,7 +851,8 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: autoshard.discover(RunningMax(), (meta(2, 4, 8),), 2), r"no sharding rule for aten.cummax \(test_autoshard.py:\d+ "),
+    (lambda: autoshard.discover(RunningMax(), (meta(2, 4, 8),), 2),
+     r"no sharding rule for aten.cummax \(test_autoshard.py:\d+ "),
     (lambda: autoshard.discover(TwoInputs(), (meta(2, 4, 8), meta(2, 1, 4, 4)), 2), r"input 1 has 4 dimensions \(2, 1, 4, 4\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 8),), 2), r"input 0 has 2 dimensions \(2, 8\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 4, 8),), 2, dims=("B T",)), r"dims\[0\]='B T' names 2"),
@@ -813,7 +881,8 @@ def test_bad_input_is_one_line_value_error(call, message):
 @st.composite
 def cases(draw, name, constraint):
     t = draw(st.sampled_from([2, 4]))
-    H = t * draw(st.integers(1, 2)) * (2 if name in ("gqa", "mistral", "hfllama", "metallama") else 1)  # k, v heads H/2 or H/4
+    fewer_kv = name in ("gqa", "mistral", "hfllama", "metallama")  # k, v heads H/2 or H/4
+    H = t * draw(st.integers(1, 2)) * (2 if fewer_kv else 1)
     C = H * draw(st.sampled_from([2, 4])) * (4 if name == "narrow" else 1)
     T = t * draw(st.integers(1, 3)) if constraint == "activations" else draw(st.integers(2, 9))
     return dict(name=name, t=t, constraint=constraint, B=draw(st.integers(1, 3)), T=T, C=C, H=H,
