@@ -55,14 +55,15 @@ def trace(module, inputs):
     except Exception as e:  # export names the Python it could not trace: its first line, as one line
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"torch.export could not trace {type(module).__name__}: {first}") from e
-    table, done, first = torch.export.default_decompositions(), set(), True
+    names = {op_name(node) for node in ep.graph.nodes if node.op == "call_function"}
+    inplace = any(n.endswith("_") and n[0] != "_" for n in names)  # x += y: made x + y by any run_decompositions
+    table, done = torch.export.default_decompositions(), set()
     while True:  # (a decomposition may make ops without a rule of their own, but with a decomposition)
-        names = {op_name(node) for node in ep.graph.nodes if node.op == "call_function"}
         unruled = {op for op in _varying_ops(ep) if op in table and rule_of(op) is None and op_name(op) not in MAKERS}
-        if not unruled - done and not (first and any(n.endswith("_") and n[0] != "_" for n in names)):
-            break  # (x += y is made x + y by any run_decompositions)
+        if not unruled - done and not inplace:
+            break
         ep = ep.run_decompositions({op: table[op] for op in unruled - done})
-        done, first = done | unruled, False
+        done, inplace = done | unruled, False
     for node in ep.graph.nodes:
         if node.op == "call_function" and op_name(node) in REWRITES:
             node.target, node.args = REWRITES[op_name(node)](*node.args, **node.kwargs)
