@@ -253,17 +253,19 @@ def _contraction(g, node, a):  # x[.., m, i] times W[.., i, n] (linear's W is [n
     return Law([out], summed=(dx[-1],), linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
 def _conv(g, node, a):
-    """conv1d/2d/3d: x[b, i, *space] W[o, i, *kernel] -> y[b, o, *space'], a contraction over i (as linear's, the
-    bias added along o); space and kernel whole."""
-    x, w, bias = a["input"], a["weight"], a.get("bias")
-    if a["groups"] != 1:
-        raise ValueError(f"no sharding rule for a convolution of groups={a['groups']} ({source(node)})")
+    """conv1d/2d/3d: x[b, (g i), *space] W[(g o), i, *kernel] -> y[b, (g o), *space'], a contraction over i (as
+    linear's, the bias added along o) in each of g groups (groups=1: g is no index); space and kernel whole."""
+    x, w, bias, groups = a["input"], a["weight"], a.get("bias"), a["groups"]
     dx, dw = g.dims(x), g.dims(w)
     batched = int(len(dx) == len(dw))  # (an unbatched input has no b)
-    g.idx.unify(dx[batched], dw[1], source(node))
+    grouped = _fresh(g, [groups], f"{node.name}:groups")[0]
+    inner = _fresh(g, [g.shape(w)[1], g.shape(w)[0] // groups], node.name)
+    g.idx.unify(dx[batched], grouped + inner[0], source(node))
+    g.idx.unify(dw[0], grouped + inner[1], source(node))
+    g.idx.unify(dw[1], inner[0], source(node))
     out = dx[:batched] + [dw[0]] + _fresh(g, g.shape(node)[batched + 1:], node.name)
     _align(g, node, [dw[0]], [bias] if bias is not None else [])
-    return Law([out], whole=tuple(dx[batched + 1:] + dw[2:] + out[batched + 1:]), summed=(dx[batched],),
+    return Law([out], whole=tuple(dx[batched + 1:] + dw[2:] + out[batched + 1:]), summed=(inner[0],),
                linear=((x, bias), (w, bias)), affine=(bias,), saves=(x, w))
 
 def _norm(g, node, a):
@@ -443,8 +445,8 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("argmax argmin", _reduction(False, saves=False), "x[i, j] -> y[i]", "j", "-", "-"),
     ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
      "x, W"),
-    ("conv1d conv2d conv3d", _conv, "x[b, i, ...] W[o, i, ...] b[o] -> y[b, o, ...]", "the spatial dims", "x with b",
-     "x, W"),
+    ("conv1d conv2d conv3d", _conv, "x[b, (g i), ...] W[(g o), i, ...] b[(g o)] -> y[b, (g o), ...]",
+     "the spatial dims", "x with b", "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
     ("view_as_complex", lambda g, node, a: Law([g.dims(a["self"])[:-1]], whole=tuple(g.dims(a["self"])[-1:]),
                                                 linear=((a["self"],),), view=True), "x[..., 2] -> y[...]", "the 2",
@@ -1222,6 +1224,8 @@ def _local_shapes(op, args, placements, g, t):
     elif op.kind in ("repeat", "repeat_interleave"):  # each rank its share of the copies: its output over its input
         copies = [n // m for n, m in zip(out, [1] * (len(out) - args[0].dim()) + [*args[0].shape])]
         args[1] = copies if op.kind == "repeat" else copies[named_args(op.node)["dim"] % args[0].dim()]
+    elif op.kind.startswith("conv") and len(args) > 6:  # groups: this rank's input channels over a group's
+        args[6] = args[0].shape[args[0].dim() == args[1].dim()] // args[1].shape[1]
     elif op.kind in ("split", "split_with_sizes"):
         k = named_args(op.node)["dim"] % len(g.values[o].shape)
         sizes = [local(v, p)[k] if v else None for v, p in zip(op.outputs, placements)]

@@ -373,6 +373,22 @@ class Decomposed(nn.Module):
         return x + F.normalize(y, dim=-1) * torch.std_mean(y, -1, keepdim=True)[0] + side
 
 
+class GatedConv(nn.Module):
+    """Mamba's and H3's convolution branch: a LayerNorm, an input projection to two halves u, z (chunk), a causal
+    depthwise Conv1d along T on u (groups = its channels, padded by k - 1, the first T kept), silu(u) silu(z),
+    an output projection."""
+
+    def __init__(self, C, k=4):
+        super().__init__()
+        self.norm, self.inp, self.out = nn.LayerNorm(C), nn.Linear(C, 4 * C, bias=False), nn.Linear(2 * C, C)
+        self.conv = nn.Conv1d(2 * C, 2 * C, k, groups=2 * C, padding=k - 1)
+
+    def forward(self, x):
+        u, z = self.inp(self.norm(x)).chunk(2, dim=-1)
+        u = self.conv(u.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
+        return x + self.out(F.silu(u) * F.silu(z))
+
+
 MODELS = {
     "llama": (lambda B, T, C, H: Llama(C, H, 3 * C // 2, T), None),
     "gptj": (lambda B, T, C, H: GPTJ(C, H, T), None),
@@ -391,6 +407,7 @@ MODELS = {
     "moe": (lambda B, T, C, H: TopKMoE(C), None),
     "decomposed": (lambda B, T, C, H: Decomposed(C), None),
     "layerscale": (lambda B, T, C, H: LayerScale(C), None),
+    "gatedconv": (lambda B, T, C, H: GatedConv(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
     "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
 }
@@ -623,6 +640,25 @@ def test_ops_decomposed_or_along_t_plan_as_megatron_and_sequence_parallel(t):
     assert sorted(sp.collectives) == collectives(("forward", "all-gather", N, 1), ("forward", "reduce-scatter", N, 2),
                                                  ("backward", "reduce-scatter", N, 1), ("backward", "all-gather", N, 3))
     assert (plan.bytes_sent, sp.bytes_sent) == (6 * N * (t - 1) // t, 7 * N * (t - 1) // t)
+
+
+@pytest.mark.parametrize("t", TS)
+def test_a_depthwise_convolution_splits_by_its_groups(t):
+    """GatedConv: the input projection column-parallel (u and z each split along their 2C channels), the depthwise
+    Conv1d split along its groups (each rank convolves its channels, all of T, with its 1/t of the kernels, groups
+    = 2C/t), the output projection row-parallel: Megatron's f f̄, 4 (t-1)/t N. Split activations: the conv still
+    reads all of T, on its channels' share: g (re-gathered once), ḡ, and the LayerNorm's weight and bias
+    gradients summed, (5 N + 4 C E)(t-1)/t."""
+    plan = plan_of("gatedconv", t=t)
+    assert {w: split_dim(plan, w) for w in plan.weights} == {
+        "norm.weight": None, "norm.bias": None, "inp.weight": (0, 2 * C), "out.weight": (1, 2 * C),
+        "out.bias": None, "conv.weight": (0, 2 * C), "conv.bias": (0, 2 * C)}
+    assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 1), ("backward", "all-reduce", N, 1))
+    sp = plan_of("gatedconv", t=t, constraint="activations")
+    assert sorted(sp.collectives) == collectives(
+        ("forward", "all-gather", N, 1), ("forward", "reduce-scatter", N, 1), ("backward", "reduce-scatter", N, 1),
+        ("backward", "all-gather", N, 2), ("backward", "all-reduce", C * E, 2))
+    assert (plan.bytes_sent, sp.bytes_sent) == (4 * N * (t - 1) // t, (5 * N + 4 * C * E) * (t - 1) // t)
 
 
 class AlongT(nn.Module):
