@@ -1224,6 +1224,48 @@ def test_a_gpt_returning_its_cross_entropy_loss_shards_equal(world, t, constrain
         assert errors is None or max(errors.values()) < TOL, errors
 
 
+def task_training(ctx, t, constraint, steps=4):
+    """GPTWithLoss trained by AdamW (weight decay on) for a few steps on new batches, sharded and unsharded, from
+    the same weights: each step's loss, and at the end full_grads() and a forward on one more batch."""
+    group = ctx.group(t)
+    if ctx.rank >= t:
+        return None
+    V, T, C, H = 8 * t, 4 * t, 8 * t, t
+    torch.manual_seed(14)
+    model, gen = GPTWithLoss(V, T, C, H).double(), torch.Generator().manual_seed(15)
+    batches = [(torch.randint(0, V, (2, T), generator=gen), torch.randint(0, V, (2, T), generator=gen))
+               for _ in range(steps + 1)]
+    sharded = autoshard.shard(model, autoshard.discover(model, batches[0], t, dims=("B T", "B T"),
+                                                        constraint=constraint), group)
+    losses = {}
+    for name, m in (("unsharded", model), ("sharded", sharded)):
+        opt, losses[name] = torch.optim.AdamW(m.parameters(), lr=3e-2, weight_decay=0.1), []
+        for idx, targets in batches[:steps]:
+            opt.zero_grad()
+            loss = m(idx, targets)[1]
+            loss.backward()
+            opt.step()
+            losses[name].append(loss)
+        losses[name].append(m(*batches[steps])[1])
+    grads = sharded.full_grads()
+    errors = {f"loss {k}": rel_err(a, b) for k, (a, b) in enumerate(zip(losses["sharded"], losses["unsharded"]))}
+    return errors | {n: rel_err(grads[n], p.grad) for n, p in model.named_parameters()}, [
+        loss.item() for loss in losses["unsharded"]]
+
+
+@pytest.mark.parametrize("constraint", ["weights", "activations"])
+@pytest.mark.parametrize("t", [2, 4])
+def test_a_sharded_gpt_trains_as_the_unsharded_one(world, t, constraint):
+    """shard's parameters are this rank's shards, trained by any optimizer: replicated ones get whole gradients
+    (their partial ones all-reduced in backward), so every rank steps them alike. Four AdamW steps: each loss
+    equal to the unsharded model's, and the loss falls."""
+    for result in world.run(task_training, t=t, constraint=constraint):
+        if result is not None:
+            errors, losses = result
+            assert max(errors.values()) < TOL, errors
+            assert losses[-2] < losses[0], losses
+
+
 LOSSES = {"mse": lambda y, z: F.mse_loss(y, z), "smooth_l1": lambda y, z: F.smooth_l1_loss(y, z, beta=0.5),
           "bce": lambda y, z: F.binary_cross_entropy(torch.sigmoid(y), torch.sigmoid(z)),  # new_full(y, ...) in it
           "kl": lambda y, z: F.kl_div(F.log_softmax(y, -1), F.softmax(z, -1), reduction="batchmean"),
