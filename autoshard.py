@@ -754,10 +754,13 @@ def via(g, v, t):
                  if g.idx.size[f] % t == 0), None)
 
 def moves_of(g, v, p, reads, t):
-    """The moves a value makes: each distinct prefix of its chains once, in a fixed order."""
-    chains = recipe(p, reads, via(g, v, t)).values()
-    prefixes = sorted({c[:n] for c in chains for n in range(1, len(c) + 1)}, key=lambda c: (len(c), c))
-    return [Moved(v, c[-1], math.prod(g.values[v].shape) * g.values[v].itemsize, g.values[v].grad) for c in prefixes]
+    """The moves a value makes: each distinct prefix of its chains once, in a fixed order (once per reads)."""
+    if ("moves", v, p, reads, t) not in g.memo:
+        chains = recipe(p, reads, via(g, v, t)).values()
+        prefixes = sorted({c[:n] for c in chains for n in range(1, len(c) + 1)}, key=lambda c: (len(c), c))
+        g.memo["moves", v, p, reads, t] = [Moved(v, c[-1], math.prod(g.values[v].shape) * g.values[v].itemsize,
+                                                 g.values[v].grad) for c in prefixes]
+    return g.memo["moves", v, p, reads, t]
 
 # 5. search ------------------------------------------------------------------------------------
 
@@ -866,15 +869,21 @@ def returning(g, first, v, p):
 def search(g, t, constraint, start, stop, states):
     """The dynamic programme over ops start..stop: a state is the (placement, reads) of every live value, and only
     the cheapest way to each state is kept, which is exact, since what happens after depends on nothing else.
-    states: {state: (score, the choices so far)}."""
+    states: {state: (score, the choices so far)}. Op k's choices depend only on its inputs' entries: the states
+    that agree on those share them."""
     for k in range(start, stop):
-        following = {}
+        following, ways, at = {}, {}, {v: i for i, v in enumerate(g.live[k])}
         for state, (score, path) in states.items():
-            live = dict(zip(g.live[k], state))
-            for choice in choices(g, k, t, live, constraint):
-                if (s := stepped(g, t, constraint, k, choice, live)) is not None:
-                    now, more = live | s.after, (s.units, sum(b for _, b in s.kept), choice.partial is not None)
-                    cheapest(following, tuple(now[v] for v in g.live[k + 1]), score, more, path + (choice,))
+            key = tuple(state[at[v]] if v in at else None for v in g.ops[k].inputs)
+            if key not in ways:  # each choice: its cost, and each next live value's entry or its place in state
+                live = {v: e for v, e in zip(g.ops[k].inputs, key) if v in at}
+                ways[key] = [(choice, (s.units, sum(b for _, b in s.kept), choice.partial is not None),
+                              [s.after[v] if v in s.after else at[v] for v in g.live[k + 1]])
+                             for choice in choices(g, k, t, live, constraint)
+                             if (s := stepped(g, t, constraint, k, choice, live)) is not None]
+            for choice, more, after in ways[key]:
+                cheapest(following, tuple(state[e] if isinstance(e, int) else e for e in after), score, more,
+                         path + (choice,))
         states = following
     return states
 
