@@ -130,7 +130,9 @@ def world():
 
 
 def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+    """max |a - b| relative to max |b|; a NaN anywhere is an infinite error (max() over errors would skip a NaN)."""
+    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+    return math.inf if math.isnan(err) else err
 
 
 def random_full_state_dict(model, seed):
