@@ -661,6 +661,30 @@ def test_a_depthwise_convolution_splits_by_its_groups(t):
     assert (plan.bytes_sent, sp.bytes_sent) == (4 * N * (t - 1) // t, (5 * N + 4 * C * E) * (t - 1) // t)
 
 
+class WithSquaredSum(nn.Module):
+    """x + MLP(x), returned with the sum of its squares (as a loss would be) or alone."""
+
+    def __init__(self, C, total):
+        super().__init__()
+        self.up, self.down, self.total = nn.Linear(C, 4 * C), nn.Linear(4 * C, C), total
+
+    def forward(self, x):
+        y = x + self.down(F.gelu(self.up(x)))
+        return (y, (y * y).sum()) if self.total else y
+
+
+@pytest.mark.parametrize("t", [2, 4])
+def test_a_sum_over_a_split_index_is_a_partial_sum(t):
+    """Activations split along T: the sum of y's squares is summed on each rank's part of T, a partial sum P, and
+    returned as one (shard's own all-reduce makes it whole, unpriced): the scalar costs nothing over y alone. Were
+    T not an option of the sum, y * y would be all-gathered first: (t-1)/t N more."""
+    x = torch.empty(B, T, C, device="meta", dtype=torch.float64)
+    with torch.device("meta"):
+        alone, total = (autoshard.discover(WithSquaredSum(C, s).double(), (x,), t, constraint="activations")
+                        for s in (False, True))
+    assert total.bytes_sent == alone.bytes_sent and total.placements[total.graph.outputs[1]] == autoshard.P
+
+
 class AlongT(nn.Module):
     def __init__(self, op):
         super().__init__()
@@ -822,6 +846,20 @@ def test_the_dynamic_programme_finds_the_least_bytes_of_every_choice(model, cons
     assert len(priced) > 1 and min(priced) == plan.bytes_sent
 
 
+def every_option_case(name, B, T, C, H):
+    """(module, its input, a meta-device copy, a meta input, dims): one of MODELS, or "tiedgpt" on ids (V = C)."""
+    if name != "tiedgpt":
+        return *built(name, B, T, C, H, "cpu", seed=5), *built(name, B, T, C, H), MODELS[name][1]
+    module, gen = TiedGPT(C, T, C, H).double(), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    ids = torch.randint(0, C, (B, T), generator=gen)
+    with torch.device("meta"):
+        meta_module = TiedGPT(C, T, C, H).double()
+    return module, ids, meta_module, torch.empty(B, T, dtype=torch.long, device="meta"), ("B T",)
+
+
 def task_every_option(ctx, name, t, constraint, B=2, T=4, C=16, H=4):
     """discover's plan with one op's choice replaced by each other option the rules allow it (account() adds the
     moves it then needs), one op at a time, each run by shard: outputs, input gradients and full_grads() against
@@ -829,12 +867,13 @@ def task_every_option(ctx, name, t, constraint, B=2, T=4, C=16, H=4):
     group = ctx.group(t)
     if ctx.rank >= t:
         return None
-    (module, x), (meta_module, meta_x) = built(name, B, T, C, H, "cpu", seed=5), built(name, B, T, C, H)
-    plan = autoshard.discover(meta_module, (meta_x,), t, dims=MODELS[name][1], constraint=constraint)
-    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=x.dtype)
-    x.requires_grad_(True)
-    (module(x) * w).sum().backward()
-    expected, expected_x = {n: p.grad for n, p in module.named_parameters()}, x.grad.clone()
+    module, x, meta_module, meta_x, dims = every_option_case(name, B, T, C, H)
+    plan = autoshard.discover(meta_module, (meta_x,), t, dims=dims, constraint=constraint)
+    x.requires_grad_(x.is_floating_point())
+    y = module(x)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=y.dtype)
+    (y * w).sum().backward()
+    expected, expected_x = {n: p.grad for n, p in module.named_parameters()}, x.grad
     g, chosen, worst, runs = plan.graph, [plan.choices[op.name] for op in plan.graph.ops], {}, 0
     for k, op in enumerate(g.ops):
         for option in autoshard.options(g, k, t):
@@ -842,21 +881,22 @@ def task_every_option(ctx, name, t, constraint, B=2, T=4, C=16, H=4):
             if option == chosen[k] or forced is None:
                 continue
             x.grad, sharded = None, autoshard.shard(module, forced, group)
-            y = sharded(x)
-            (y * w).sum().backward()
+            ys = sharded(x)
+            (ys * w).sum().backward()
             grads = sharded.full_grads()
-            errors = [rel_err(y, module(x)), rel_err(x.grad, expected_x)] + [rel_err(grads[n], expected[n])
-                                                                            for n in expected]
+            errors = [rel_err(ys, y)] + ([rel_err(x.grad, expected_x)] if x.is_floating_point() else []) + [
+                rel_err(grads[n], expected[n]) for n in expected]
             worst[f"{op.kind} {op.name} as {option}"], runs = max(errors), runs + 1
     return worst, runs
 
 
 @pytest.mark.parametrize("constraint", ["none", "activations"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gqa", "chunkeinsum", "moe", "decomposed", "gatedconv",
-                                  "metallama", "max", "nanosp"])
+                                  "metallama", "max", "nanosp", "tiedgpt"])
 def test_every_option_of_every_op_runs_equal(world, name, constraint):
-    """t = 2, B = 2, T = 4, C = 16, 4 heads: every factor even, so every index is an option. (Not the models that
-    compute their norms in float32, Mistral's and transformers' Llama: a norm split along C rounds otherwise.)"""
+    """t = 2, B = 2, T = 4, C = 16, 4 heads: every factor even, so every index is an option; 2,897 plans in all.
+    (Not the models that compute their norms in float32, Mistral's and transformers' Llama: a norm split along C
+    rounds otherwise.)"""
     for result in world.run(task_every_option, name=name, t=2, constraint=constraint):
         if result is not None:
             worst, runs = result
