@@ -2,15 +2,15 @@
 runs it equal to the unsharded module.
 
 The models are plain torch (a Llama block, a GPT-J parallel block, a stack of four linears, a narrow MLP,
-grouped-query attention written out, a mean over a wide layer, a Mistral block, timm's ViT block, a block of
-chunk, einsum and GEGLU, four square linears each added to its own input, LayerScale, Mamba's gated depthwise
-convolution), Hugging Face's GPT2Block and LlamaDecoderLayer as transformers ships them, and nanosp's own Block,
-its attention written out or through SDPA. The optimum of each is derived by hand in its test; N is the bytes of the block's activation (B T C at the
-inputs' element size), and a rank sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an all-gather or a
-reduce-scatter. Whole models shard equal too: a GPT with tied embeddings (ids in, logits out, its tied weight's
-gradient under both of its names) and returning its loss, transformers' GPT2Model, GPTNeoXModel, FalconModel,
-RobertaModel, BertModel with a padding mask and ViTModel on pixels; and an MLP returning each of five losses.
-A GPT trained a few AdamW steps on its shards keeps the unsharded model's losses, and every option the rules
+grouped-query attention written out, a mean over a wide layer, a Mistral block, timm's ViT block, a block of chunk,
+einsum and GEGLU, four square linears each added to its own input, LayerScale, Mamba's gated depthwise convolution),
+Hugging Face's GPT2Block and LlamaDecoderLayer as transformers ships them, and nanosp's own Block, its attention
+written out or through SDPA. The optimum of each is derived by hand in its test; N is the bytes of the block's
+activation (B T C at the inputs' element size), and a rank sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an
+all-gather or a reduce-scatter. Whole models shard equal too: a GPT with tied embeddings (ids in, logits out, its
+tied weight's gradient under both of its names) and returning its loss, transformers' GPT2Model, GPTNeoXModel,
+FalconModel, RobertaModel, BertModel with a padding mask and ViTModel on pixels; and an MLP returning each of five
+losses. A GPT trained a few AdamW steps on its shards keeps the unsharded model's losses, and every option the rules
 allow any op, forced into the plan one op at a time, runs equal: what the search could pick is sound too.
 
 Equivalence runs in one world of 4 gloo processes, started once per test session (test_nanosp's World): each rank
