@@ -415,6 +415,15 @@ MODELS = {
 }
 
 
+def randomized(module, gen=None):
+    """module with every parameter drawn from N(0, 0.3^2) (by gen, or torch's global generator), so that no norm
+    weight is 1 and no bias 0."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    return module
+
+
 def built(name, B, T, C, H, device="meta", dtype=torch.float64, seed=0):
     """The model and its input on `device` (meta: nothing computed); real ones with random weights, every norm's
     weight and bias included."""
@@ -425,10 +434,7 @@ def built(name, B, T, C, H, device="meta", dtype=torch.float64, seed=0):
     if device == "meta":
         return module, torch.empty(x_shape, device="meta", dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.3)
-    return module, torch.randn(x_shape, generator=gen, dtype=dtype)
+    return randomized(module, gen), torch.randn(x_shape, generator=gen, dtype=dtype)
 
 
 def plan_of(name, B=2, T=16, C=64, H=8, t=2, constraint="weights"):
@@ -852,10 +858,8 @@ def every_option_case(name, B, T, C, H):
     """(module, its input, a meta-device copy, a meta input, dims): one of MODELS, or "tiedgpt" on ids (V = C)."""
     if name != "tiedgpt":
         return *built(name, B, T, C, H, "cpu", seed=5), *built(name, B, T, C, H), MODELS[name][1]
-    module, gen = TiedGPT(C, T, C, H).double(), torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    gen = torch.Generator().manual_seed(5)
+    module = randomized(TiedGPT(C, T, C, H).double(), gen)
     ids = torch.randint(0, C, (B, T), generator=gen)
     with torch.device("meta"):
         meta_module = TiedGPT(C, T, C, H).double()
@@ -1087,11 +1091,8 @@ def task_nanosp_block(ctx, t, sequence_parallel, attention):
         meta_block = nanosp.Block(cfg, None, 0).double()
     plan = autoshard.discover(meta_block, (torch.empty(s, b, h, device="meta", dtype=torch.float64),), t, dims="T B C",
                               constraint="activations" if sequence_parallel else "weights")
-    full = nanosp.Block(cfg, None, 0).double()
     gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in full.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    full = randomized(nanosp.Block(cfg, None, 0).double(), gen)
     mine, r = nanosp.Block(cfg, group, 0).double(), nanosp.group_rank(group)  # nanosp's own, sliced as nanosp slices
 
     def slices(whole, m, p):
@@ -1232,10 +1233,7 @@ def task_hf_model(ctx, name, t, constraint):
         return None
     V, C, H, T = 8 * t, 8 * t, t, 4 * t
     torch.manual_seed(6)
-    model = HFModel(name, V, C, H, T).double()
-    with torch.no_grad():
-        for p in model.parameters():  # every weight, bias and norm nonzero and not 1
-            p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.3)
+    model = randomized(HFModel(name, V, C, H, T).double())
     ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(7))
     mask = torch.ones(2, T, dtype=torch.long)
     mask[0, T // 2 + 1:] = 0  # the first sequence padded
@@ -1278,13 +1276,18 @@ class GPTWithLoss(TiedGPT):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
+def gpt_with_loss(t, seed):
+    """GPTWithLoss at t's sizes (vocabulary 8t, block 4t, width 8t, t heads) in float64, its weights drawn from
+    seed, and a generator (seed + 1) for its data."""
+    torch.manual_seed(seed)
+    return GPTWithLoss(8 * t, 4 * t, 8 * t, t).double(), torch.Generator().manual_seed(seed + 1)
+
+
 def task_loss(ctx, t, constraint):
     group = ctx.group(t)
     if ctx.rank >= t:
         return None
-    V, T, C, H = 8 * t, 4 * t, 8 * t, t
-    torch.manual_seed(9)
-    model, gen = GPTWithLoss(V, T, C, H).double(), torch.Generator().manual_seed(10)
+    (model, gen), V, T = gpt_with_loss(t, seed=9), 8 * t, 4 * t
     idx, targets = torch.randint(0, V, (2, T), generator=gen), torch.randint(0, V, (2, T), generator=gen)
     targets[0, : T // 2 + 1] = -1  # ignored: fewer counted on some ranks than on others
     plan = autoshard.discover(model, (idx, targets), t, dims=("B T", "B T"), constraint=constraint)
@@ -1314,9 +1317,7 @@ def task_training(ctx, t, constraint, steps=4):
     group = ctx.group(t)
     if ctx.rank >= t:
         return None
-    V, T, C, H = 8 * t, 4 * t, 8 * t, t
-    torch.manual_seed(14)
-    model, gen = GPTWithLoss(V, T, C, H).double(), torch.Generator().manual_seed(15)
+    (model, gen), V, T = gpt_with_loss(t, seed=14), 8 * t, 4 * t
     batches = [(torch.randint(0, V, (2, T), generator=gen), torch.randint(0, V, (2, T), generator=gen))
                for _ in range(steps + 1)]
     sharded = autoshard.shard(model, autoshard.discover(model, batches[0], t, dims=("B T", "B T"),
@@ -1396,10 +1397,7 @@ def task_vit(ctx, t):
     torch.manual_seed(12)
     cfg = tf.ViTConfig(hidden_size=8 * t, num_attention_heads=t, intermediate_size=16 * t, num_hidden_layers=2,
                        image_size=8, patch_size=4, num_channels=3)
-    model = tf.ViTModel(cfg, add_pooling_layer=False).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.3)
+    model = randomized(tf.ViTModel(cfg, add_pooling_layer=False).double().eval())
     pixels = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     plan = autoshard.discover(model, (pixels.detach(),), t, dims=("B Ch H W",))
     sharded = autoshard.shard(model, plan, group)
@@ -1452,10 +1450,7 @@ def task_cross_attention(ctx, t, constraint):
     if ctx.rank >= t:
         return None
     gen = torch.Generator().manual_seed(21)
-    module = CrossAttention(8 * t, 2 * t).double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    module = randomized(CrossAttention(8 * t, 2 * t).double(), gen)
     x, memory = (torch.randn(2, n, 8 * t, generator=gen, dtype=torch.float64, requires_grad=True) for n in (2 * t, 3))
     plan = autoshard.discover(module, (x.detach(), memory.detach()), t, constraint=constraint)
     sharded = autoshard.shard(module, plan, group)
