@@ -50,6 +50,9 @@ def trace(module, inputs):
     ops made functional, and an op without a rule decomposed into the ops it is made of (a loss into log_softmax,
     gather and sum; F.glu, F.normalize, lerp...), if torch has a decomposition of it; the ops that only spell
     another (REWRITES) rewritten to it."""
+    held = next(itertools.chain(module.parameters(), module.buffers()), None)  # inputs on the module's device:
+    inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=held.device) if torch.is_tensor(x) and held is not None
+                   and x.device != held.device else x for x in inputs)  # (a trace reads only their shapes and dtypes)
     try:
         ep = torch.export.export(module, inputs, strict=False)
     except Exception as e:  # export names the Python it could not trace: its first line, as one line
@@ -59,16 +62,19 @@ def trace(module, inputs):
     inplace = any(n.endswith("_") and n[0] != "_" for n in names)  # x += y: made x + y by any run_decompositions
     table, done = torch.export.default_decompositions(), set()
     while True:  # (a decomposition may make ops without a rule of their own, but with a decomposition)
+        _rewrite(ep)  # (before a decomposition, which would make tensor_split slices)
         unruled = {op for op in _varying_ops(ep) if op in table and rule_of(op) is None and op_name(op) not in MAKERS}
         if not unruled - done and not inplace:
-            break
+            return ep
         ep = ep.run_decompositions({op: table[op] for op in unruled - done})
         done, inplace = done | unruled, False
+
+def _rewrite(ep):
     for node in ep.graph.nodes:
         if node.op == "call_function" and op_name(node) in REWRITES:
             node.target, node.args = REWRITES[op_name(node)](*node.args, **node.kwargs)
             node.kwargs = {}
-    return ep
+    ep.graph_module.recompile()
 
 def _varying_ops(ep):
     """The ops that read an input or a parameter, at any remove (an op on buffers and constants alone, a causal
@@ -82,6 +88,13 @@ def _varying_ops(ep):
 aten = torch.ops.aten
 REWRITES = {  # an op: the op it is, and that op's arguments
     "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-x.meta["val"].shape[dim] // n), dim)),  # ceil(d/n)
+    "unsafe_chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-x.meta["val"].shape[dim] // n), dim)),
+    "unsafe_split": lambda x, size, dim=0: (aten.split.Tensor, (x, size, dim)),
+    "tensor_split": lambda x, parts, dim=0: (aten.split_with_sizes.default, (x, _sections(x, parts, dim), dim)),
+    "hsplit": lambda x, parts: (aten.split_with_sizes.default, (x, _sections(x, parts, int(x.meta["val"].dim() > 1)),
+                                                                int(x.meta["val"].dim() > 1))),
+    "vsplit": lambda x, parts: (aten.split_with_sizes.default, (x, _sections(x, parts, 0), 0)),
+    "dsplit": lambda x, parts: (aten.split_with_sizes.default, (x, _sections(x, parts, 2), 2)),
     "type_as": lambda x, other: (aten.to.dtype, (x, other.meta["val"].dtype)),
     "view_as": lambda x, other: (aten.view.default, (x, list(other.meta["val"].shape))),
     "reshape_as": lambda x, other: (aten.reshape.default, (x, list(other.meta["val"].shape))),
@@ -90,6 +103,17 @@ REWRITES = {  # an op: the op it is, and that op's arguments
     "movedim": lambda x, source, destination: (aten.permute.default, (x, _moved(x.meta["val"].dim(), source,
                                                                               destination))),
 } | dict.fromkeys(["swapaxes", "swapdims"], lambda x, a, b: (aten.transpose.int, (x, a, b)))
+
+def _sections(x, parts, dim):
+    """tensor_split's sizes of x's dim: `parts` near-equal ones (the first n % parts one larger), or cut at the
+    indices `parts` (negative ones from the end)."""
+    n = x.meta["val"].shape[dim]
+    if isinstance(parts, int):
+        return [n // parts + 1] * (n % parts) + [n // parts] * (parts - n % parts)
+    cuts = [0] + [min(max(c + n * (c < 0), 0), n) for c in parts] + [n]
+    if cuts != sorted(cuts):
+        raise ValueError(f"tensor_split at indices {list(parts)}: its parts overlap, which no split can make")
+    return [b - a for a, b in zip(cuts, cuts[1:])]
 
 def _moved(n, source, destination):  # movedim's permutation
     source, destination = ([d % n for d in ([ds] if isinstance(ds, int) else ds)] for ds in (source, destination))
@@ -223,6 +247,13 @@ def _pointwise(saves, linear):
                    saves=tuple(kept), view=True)
     return rule
 
+def _scan(linear):  # cumsum (linear), cumprod, logcumsumexp, cummax, cummin: along dim j, j whole
+    def rule(g, node, a):
+        x, dx = a["self"], g.dims(a["self"])
+        return Law([dx] * len(_tensors_of(node.meta["val"])), whole=(dx[a["dim"]],), linear=((x,),) * linear,
+                   saves=(x, "out") * (not linear))
+    return rule
+
 def _cast(g, node, a):  # partial sums rounded to another dtype do not add up to the sum rounded
     law = _pointwise("", "all")(g, node, a)
     return law if node.meta["val"].dtype == a["self"].meta["val"].dtype else law._replace(linear=())
@@ -272,6 +303,26 @@ def _norm(g, node, a):
     x, k, dx = a["input"], len(a["normalized_shape"]), g.dims(a["input"])
     _align(g, node, dx[-k:], [p for p in (a.get("weight"), a.get("bias")) if p is not None])
     return Law([dx], whole=tuple(dx[-k:]), saves=(x,), new=(dx[:-k],) * (2 if op_name(node) == "layer_norm" else 1))
+
+def _group_norm(g, node, a):  # x[n, (groups c), ...] normalized over c and the rest, each group apart
+    x, dx, groups = a["input"], g.dims(a["input"]), a["group"]
+    _align(g, node, [dx[1]], [p for p in (a["weight"], a["bias"]) if p is not None])
+    parts = _parts(g, node, dx[1], groups, g.shape(x)[1] // groups) if groups > 1 else ((), *dx[1])
+    stats = [dx[0], parts[:1] if groups > 1 else ()]
+    return Law([dx, stats, stats], whole=(parts[1:],) + tuple(dx[2:]), saves=(x,), new=(stats, stats))
+
+def _batch_norm(g, node, a):  # x[n, c, ...] per channel c; in training, its statistics over n and the rest
+    x, dx, outputs = a["input"], g.dims(a["input"]), len(_tensors_of(node.meta["val"]))  # (y, or y, mean, 1/std)
+    _align(g, node, [dx[1]], [a[p] for p in ("weight", "bias", "running_mean", "running_var") if a.get(p) is not None])
+    return Law([dx] + [[dx[1]]] * (outputs - 1), whole=tuple(dx[:1] + dx[2:]) * a.get("training", False),
+               saves=(x,), new=([dx[1]], [dx[1]]))
+
+def _pool(g, node, a):  # x[.., *space] -> y[.., *space']: the last k dims (k = len(kernel_size)) whole
+    x, dx, k = a["self"], g.dims(a["self"]), len(a.get("kernel_size", a.get("output_size")))
+    out = dx[:-k] + _fresh(g, _tensors_of(node.meta["val"])[0].shape[-k:], node.name)
+    avg = "avg" in op_name(node)
+    return Law([out] * len(_tensors_of(node.meta["val"])), whole=tuple(dx[-k:] + out[-k:]),
+               linear=((x,),) * avg, saves=(x,) * (not avg))
 
 def _attention(g, node, a):
     """scaled_dot_product_attention: q[.., h, s, d] k[.., h', s', d] v[.., h', s', e]; with fewer k, v heads
@@ -422,6 +473,41 @@ def _cat(g, node, a):  # (a 1-D empty tensor, as a cache starts, is left out, as
     out[k] = _fresh(g, [shape[k]], f"{node.name}.{k}")[0]
     return Law([out], whole=tuple(g.dims(x)[k] for x in xs if not stack) + (out[k],), linear=(tuple(xs),), view=True)
 
+def _copy(g, node, a):  # copy(x, src), as x[...] = src or x.copy_(src) write it: src broadcast to x's shape, cast
+    cast = a["src"].meta["val"].dtype != node.meta["val"].dtype  # (to x's dtype: then not linear, as _cast)
+    return _pointwise("", "")(g, node, a)._replace(linear=() if cast else ((a["src"],),))
+
+def _slice_scatter(g, node, a):  # x with src written over a slice of dim k (x[:, 1:3] = src): k whole
+    x, src, k = a["self"], a["src"], a["dim"] % len(g.shape(a["self"]))
+    for i, (d, e, n) in enumerate(zip(g.dims(x), g.dims(src), g.shape(src))):
+        if i != k and n > 1:
+            g.idx.unify(d, e, source(node))
+    return Law([g.dims(x)], whole=(g.dims(x)[k], g.dims(src)[k]), linear=((x, src),), view=True)
+
+def _index_put(g, node, a):
+    """x[i] = v: x's indexed dims whole, v aligned with x[i] (as _index reads it). x[mask] = one value is where(mask,
+    value, x): elementwise, the mask's dims x's."""
+    x, dx, v, ins = a["self"], g.dims(a["self"]), a["values"], a["indices"]
+    masks = [i is not None and i.meta["val"].dtype == torch.bool for i in ins]
+    if any(masks) and not (all(m or i is None for m, i in zip(masks, ins)) and v.meta["val"].numel() == 1):
+        raise ValueError(f"no sharding rule for index_put by a mask with many values ({source(node)}): the values "
+                         f"land in the mask's order; write torch.where(mask, values, x)")
+    k, ks = 0, []
+    for i in ins:  # each index covers as many of x's dims as it has (an integer one: one)
+        width = g.shape(i).__len__() if i is not None and i.meta["val"].dtype == torch.bool else 1
+        ks += range(k, k + width) if i is not None else []
+        if i is not None and width > 1:
+            _align(g, node, dx[k:k + width], [i])
+        k += width
+    if any(masks):
+        return Law([dx], linear=((x, v),), view=True)
+    given = [i for i in ins if i is not None]
+    picked = _align(g, node, [()] * max(len(g.shape(i)) for i in given), given)
+    rest = [d for j, d in enumerate(dx) if j not in ks]
+    written = dx[:ks[0]] + picked + dx[ks[-1] + 1:] if ks == list(range(ks[0], ks[-1] + 1)) else picked + rest
+    _align(g, node, written, [v])
+    return Law([dx], whole=tuple(dx[j] for j in ks) + tuple(picked), linear=((x, v),))
+
 RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), keeps for backward
     ("add sub rsub", _pointwise("", "all"), "x[...] y[...] -> z[...] (broadcast)", "-", "x, y together", "-"),
     ("mul", _pointwise("inputs", "one"), "x[...] y[...] -> z[...]", "-", "x or y", "x, y"),
@@ -430,32 +516,38 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
      "-"),
     ("to _to_copy", _cast, "x[...] -> y[...]", "-", "x, to its own dtype", "-"),
     ("silu gelu relu elu leaky_relu softplus hardtanh log sin cos erf abs pow clamp log1p square mish hardswish "
-     "log_sigmoid",
+     "log_sigmoid sinh cosh tan atan asin acos asinh acosh atanh lgamma digamma erfc erfinv logit sinc",
      _pointwise("inputs", ""), "x[...] -> y[...]", "-", "-", "x"),
     ("sigmoid tanh exp exp2 rsqrt sqrt reciprocal expm1", _pointwise("out", ""), "x[...] -> y[...]", "-", "-", "y"),
-    ("maximum minimum atan2 xlogy max.other min.other", _pointwise("inputs", ""), "x[...] y[...] -> z[...]", "-", "-",
-     "x, y"),
+    ("maximum minimum atan2 xlogy hypot polar max.other min.other", _pointwise("inputs", ""),
+     "x[...] y[...] -> z[...]", "-", "-", "x, y"),
     ("where", _pointwise("first", "rest"), "c[...] x[...] y[...] -> z[...]", "-", "x, y together", "c"),
     ("masked_fill", _pointwise("second", "fill0"), "x[...] m[...] -> y[...]", "-", "x (filled with 0)", "m"),
     ("eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan __and__ __or__ bitwise_and bitwise_or "
-     "sign floor ceil trunc round fmod remainder", _pointwise("", ""), "x[...] -> z[...]", "-", "-", "-"),
+     "sign floor ceil trunc round fmod remainder fill", _pointwise("", ""), "x[...] -> z[...]", "-", "-", "-"),
     ("sum mean", _reduction(True), "x[i, j] -> y[i]", "-", "x (j summed)", "-"),
     ("amax amin var std var_mean logsumexp linalg_vector_norm prod max min", _reduction(False), "x[i, j] -> y[i]", "j",
      "-", "x, y"),
-    ("argmax argmin", _reduction(False, saves=False), "x[i, j] -> y[i]", "j", "-", "-"),
+    ("argmax argmin any all", _reduction(False, saves=False), "x[i, j] -> y[i]", "j", "-", "-"),
     ("linear mm addmm bmm baddbmm matmul", _contraction, "x[.., m, i] W[i, n] b[n] -> y[.., m, n]", "-", "x with b",
      "x, W"),
     ("conv1d conv2d conv3d", _conv, "x[b, (g i), ...] W[(g o), i, ...] b[(g o)] -> y[b, (g o), ...]",
      "the spatial dims", "x with b", "x, W"),
     ("layer_norm rms_norm", _norm, "x[..., c] w[c] b[c] -> y[..., c]", "c", "-", "x; mean, 1/std per row"),
+    ("native_group_norm", _group_norm, "x[n, (g c), ...] w[(g c)] b[(g c)] -> y[n, (g c), ...]", "c, ...", "-",
+     "x; mean, 1/std per group"),
+    ("batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training", _batch_norm,
+     "x[n, c, ...] w[c] b[c] -> y[n, c, ...]", "n, ... (training)", "-", "x; mean, 1/std per c"),
+    ("max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d avg_pool2d avg_pool3d "
+     "_adaptive_avg_pool2d", _pool, "x[.., *s] -> y[.., *s']", "s, s'", "avg: x", "max: x"),
     ("view_as_complex", lambda g, node, a: Law([g.dims(a["self"])[:-1]], whole=tuple(g.dims(a["self"])[-1:]),
                                                 linear=((a["self"],),), view=True), "x[..., 2] -> y[...]", "the 2",
      "x", "-"),
     ("view_as_real", lambda g, node, a: Law([g.dims(a["self"]) + (pair := _fresh(g, [2], node.name))],
                                             whole=tuple(pair), linear=((a["self"],),), view=True),
      "x[...] -> y[..., 2]", "the 2", "x", "-"),
-    ("cumsum", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
-                                      linear=((a["self"],),)), "x[..., j] -> y[..., j]", "j", "x", "-"),
+    ("cumsum", _scan(True), "x[..., j] -> y[..., j]", "j", "x", "-"),
+    ("cumprod logcumsumexp cummax cummin", _scan(False), "x[..., j] -> y[..., j]", "j", "-", "x, y"),
     ("softmax _softmax log_softmax", lambda g, node, a: Law([g.dims(a["self"])], whole=(g.dims(a["self"])[a["dim"]],),
                                                             saves=("out",)), "x[..., j] -> y[..., j]", "j", "-", "y"),
     ("scaled_dot_product_attention", _attention, "q[.., h, s, d] k[.., h, s', d] v[.., h, s', e] -> y[.., h, s, e]",
@@ -470,6 +562,9 @@ RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), kee
     ("split split_with_sizes unbind", _split, "x[(n m)] -> n tensors y[m]", "n", "x", "-"),
     ("repeat_interleave repeat", _repeat, "x[a] -> y[(a r)], or y[(r a)]", "-", "x", "-"),
     ("einsum", _einsum, "its equation's letters", "-", "each operand", "its operands"),
+    ("copy", _copy, "x[...] v[...] -> y[...]: v", "-", "v", "-"),
+    ("slice_scatter", _slice_scatter, "x[.., i] v[.., j] -> y[.., i]: x[.., a:b] = v", "i, j", "x, v together", "-"),
+    ("index_put", _index_put, "x[a, v, b] i[j] w[a, j, b] -> y[a, v, b]: x[:, i] = w", "v", "x, w together", "-"),
     ("cat stack", _cat, "x[.., i] y[.., j] -> z[.., (i + j)]", "i, j", "all together", "-"),
     ("gather", _gather, "x[.., v] i[.., j] -> y[.., j]", "v", "x", "i"),
     ("index", _index, "x[a, v, b] i[j] -> y[a, j, b]: x[:, i]", "v", "x", "i"),
@@ -525,7 +620,8 @@ class Graph:
         self.twins = []
         for s in self.ep.graph_signature.output_specs:
             if s.kind.name != "USER_OUTPUT":
-                raise ValueError(f"{self.module} writes {s.target} in its forward: a sharded run cannot")
+                raise ValueError(f"{self.module} writes {s.target} in its forward: a sharded run cannot (a BatchNorm's "
+                                 f"running statistics? put it in eval(), or make it track_running_stats=False)")
         specs = {s.arg.name: s for s in self.ep.graph_signature.input_specs}
         for node in self.ep.graph.nodes:
             if node.op == "placeholder":
@@ -1123,9 +1219,17 @@ class Sharded(torch.nn.Module):
         self.constants = {v.name: full.get(v.target, g.ep.constants.get(v.target)) for v in g.values.values()
                           if v.kind == "constant" and v.target}  # buffers and tensor constants (not made by ops)
         if any(c.is_meta for c in self.constants.values()):  # tensors made in forward (x[:, [-2]], a KV cache's
-            again = trace(module, tuple(torch.zeros(x.shape, dtype=x.dtype, device=device) for x in g.inputs_in))
-            self.constants |= {v.name: again.constants[v.target] for v in g.values.values()  # start), traced on meta:
-                               if v.name in self.constants and v.target in again.constants}  # traced again, real
+            if g.memo.get(("again", id(module)), (None,))[0] is not module:  # (once per module, however many plans)
+                zeros = tuple(torch.zeros(x.shape, dtype=x.dtype, device=device) for x in g.inputs_in)
+                g.memo["again", id(module)] = module, trace(module, zeros).constants
+            real = {}  # start), traced on meta: traced again, real. The k-th of a dtype and shape is the k-th again
+            for c in g.memo["again", id(module)][1].values():  # (on meta, a Python number put in a tensor is none)
+                real.setdefault((c.dtype, c.shape), []).append(c)
+            order = {target: k for k, target in enumerate(g.ep.constants)}
+            for v in sorted((v for v in g.values.values() if v.target in order), key=lambda v: order[v.target]):
+                c = self.constants.get(v.name)
+                if c is not None and c.is_meta:
+                    self.constants[v.name] = (real.get((c.dtype, c.shape)) or [c]).pop(0)
         if any(c.is_meta for c in self.constants.values()):
             raise ValueError(f"{type(module).__name__}'s tensor constants were traced on the meta device: discover on "
                              f"an instance with real buffers, or make them buffers")
@@ -1229,6 +1333,8 @@ def _local_shapes(op, args, placements, g, t):
     out = local(o, placements[0])
     if op.kind in ("view", "reshape", "_unsafe_view", "squeeze", "unflatten"):  # a split dim may be 1 on a rank
         return torch.ops.aten.reshape.default, [args[0], out]
+    if op.kind == "copy":  # (aten.copy has no derivative: the same by ops that have one)
+        return lambda x, src, non_blocking=False: src.to(x.dtype).expand(x.shape).clone(), args
     if op.kind == "expand":
         args[1] = out
     elif op.kind in ("repeat", "repeat_interleave"):  # each rank its share of the copies: its output over its input
@@ -1236,6 +1342,8 @@ def _local_shapes(op, args, placements, g, t):
         args[1] = copies if op.kind == "repeat" else copies[named_args(op.node)["dim"] % args[0].dim()]
     elif op.kind.startswith("conv") and len(args) > 6:  # groups: this rank's input channels over a group's
         args[6] = args[0].shape[args[0].dim() == args[1].dim()] // args[1].shape[1]
+    elif op.kind == "native_group_norm":  # N, C and groups: this rank's
+        args[3], args[4], args[6] = args[0].shape[0], args[0].shape[1], args[6] * args[0].shape[1] // args[4]
     elif op.kind in ("split", "split_with_sizes"):
         k = named_args(op.node)["dim"] % len(g.values[o].shape)
         sizes = [local(v, p)[k] if v else None for v, p in zip(op.outputs, placements)]

@@ -3,7 +3,8 @@ runs it equal to the unsharded module.
 
 The models are plain torch (a Llama block, a GPT-J parallel block, a stack of four linears, a narrow MLP,
 grouped-query attention written out, a mean over a wide layer, a Mistral block, timm's ViT block, a block of chunk,
-einsum and GEGLU, four square linears each added to its own input, LayerScale, Mamba's gated depthwise convolution),
+einsum and GEGLU, four square linears each added to its own input, LayerScale, Mamba's gated depthwise convolution,
+a convolutional block of BatchNorm, GroupNorm and pools, a block that writes into its activations),
 Hugging Face's GPT2Block and LlamaDecoderLayer as transformers ships them, and nanosp's own Block, its attention
 written out or through SDPA. The optimum of each is derived by hand in its test; N is the bytes of the block's
 activation (B T C at the inputs' element size), and a rank sends 2(t-1)/t N for an all-reduce, (t-1)/t N for an
@@ -391,6 +392,45 @@ class GatedConv(nn.Module):
         return x + self.out(F.silu(u) * F.silu(z))
 
 
+class ConvNorms(nn.Module):
+    """A convolutional block on (B, T, C) read as C channels along T: BatchNorm1d in training (batch statistics,
+    none kept), GroupNorm, a Conv1d to 2C (kernel 3), BatchNorm1d in eval (its running statistics fixed buffers),
+    GELU, a max pool plus an average pool along T (kernel 3, stride 1, padded by 1), a 1x1 Conv1d back to C."""
+
+    def __init__(self, C, groups):
+        super().__init__()
+        self.norm, self.up, self.bn = nn.GroupNorm(groups, C), nn.Conv1d(C, 2 * C, 3, padding=1), nn.BatchNorm1d(2 * C)
+        self.down, self.batch = nn.Conv1d(2 * C, C, 1), nn.BatchNorm1d(C, track_running_stats=False)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 2 * C))
+            self.bn.running_var.copy_(torch.linspace(0.5, 2.0, 2 * C))
+        self.bn.eval()
+
+    def forward(self, x):
+        h = F.gelu(self.bn(self.up(self.norm(self.batch(x.transpose(1, 2))))))
+        h = F.max_pool1d(h, 3, 1, 1) + F.avg_pool1d(h, 3, 1, 1)
+        return x + self.down(h).transpose(1, 2)
+
+
+class Writes(nn.Module):
+    """Writes into activations, as code does in place: h[:, 0] = 0 and a slice of T written (copy, slice_scatter),
+    h[h > 1] = 0.5 and h[:, [0, -1]] = h[:, [1, 0]] (index_put by a mask and by indices), a cumprod along T,
+    tensor_split into halves multiplied, and the residual copied into a new tensor with copy_."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x):
+        h = F.gelu(self.up(x)).clone()
+        h[:, 0] = 0.0
+        h[:, 1:3] = h[:, 1:3] * 2
+        h[h > 1] = 0.5
+        h[:, [0, -1]] = h[:, [1, 0]]
+        a, b = torch.tensor_split(h * torch.sigmoid(h).cumprod(1), 2, dim=-1)
+        return torch.empty_like(x).copy_(x) + self.down(a * b)
+
+
 MODELS = {
     "llama": (lambda B, T, C, H: Llama(C, H, 3 * C // 2, T), None),
     "gptj": (lambda B, T, C, H: GPTJ(C, H, T), None),
@@ -410,6 +450,8 @@ MODELS = {
     "decomposed": (lambda B, T, C, H: Decomposed(C), None),
     "layerscale": (lambda B, T, C, H: LayerScale(C), None),
     "gatedconv": (lambda B, T, C, H: GatedConv(C), None),
+    "convnorms": (lambda B, T, C, H: ConvNorms(C, H), None),
+    "writes": (lambda B, T, C, H: Writes(C), None),
     "nanosp": (lambda B, T, C, H: nanosp_block(C, H, T), "T B C"),
     "nanosp_sdpa": (lambda B, T, C, H: nanosp_block(C, H, T, "sdpa"), "T B C"),
 }
@@ -669,6 +711,50 @@ def test_a_depthwise_convolution_splits_by_its_groups(t):
     assert (plan.bytes_sent, sp.bytes_sent) == (4 * N * (t - 1) // t, (5 * N + 4 * C * E) * (t - 1) // t)
 
 
+@pytest.mark.parametrize("t", TS)
+def test_batch_and_group_norms_and_pools_split_by_channels(t):
+    """ConvNorms: the norms and pools run per channel (the GroupNorm per group), so Megatron's pairing holds: the
+    norms replicated on the whole input, the kernel-3 conv column-parallel (each rank its channels, all of T), the
+    eval BatchNorm, GELU and both pools on those channels, the 1x1 conv row-parallel: f f̄, 4 (t-1)/t N. Split
+    activations: both norms sum over all of T, so input 0 is gathered (g) and they run on their channels' (and
+    groups') shares; the conv reads all channels, so the GroupNorm's output is gathered (g, re-gathered once); the
+    1x1 conv's partial sums reduce-scattered along T (ḡ): 7 (t-1)/t N."""
+    plan = plan_of("convnorms", t=t)
+    assert {w: split_dim(plan, w) for w in plan.weights} == {
+        "batch.weight": None, "batch.bias": None, "norm.weight": None, "norm.bias": None, "up.weight": (0, 2 * C),
+        "up.bias": (0, 2 * C), "bn.weight": (0, 2 * C), "bn.bias": (0, 2 * C), "down.weight": (1, 2 * C),
+        "down.bias": None}
+    assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 1), ("backward", "all-reduce", N, 1))
+    sp = plan_of("convnorms", t=t, constraint="activations")
+    assert split_dim(sp, "norm.weight") == split_dim(sp, "batch.weight") == (0, H)  # (by groups; and by H of C)
+    assert sorted(sp.collectives) == collectives(
+        ("forward", "all-gather", N, 2), ("forward", "reduce-scatter", N, 1), ("backward", "reduce-scatter", N, 2),
+        ("backward", "all-gather", N, 2))
+    assert (plan.bytes_sent, sp.bytes_sent) == (4 * N * (t - 1) // t, 7 * N * (t - 1) // t)
+
+
+@pytest.mark.parametrize("t", TS)
+def test_writes_into_activations_keep_megatrons_plan(t):
+    """Writes: every write is along T or elementwise, on each rank's channels (the tensor_split's halves each split,
+    each rank both halves' shares, as F.glu's), so the up projection is column-parallel and the down row-parallel:
+    f f̄, 4 (t-1)/t N. Split activations: g (re-gathered once), ḡ: 5 (t-1)/t N."""
+    plan = plan_of("writes", t=t)
+    assert {w: split_dim(plan, w) for w in plan.weights} == {
+        "up.weight": (0, 2 * C), "up.bias": (0, 2 * C), "down.weight": (1, 2 * C), "down.bias": None}
+    assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 1), ("backward", "all-reduce", N, 1))
+    sp = plan_of("writes", t=t, constraint="activations")
+    assert sorted(sp.collectives) == collectives(("forward", "all-gather", N, 1), ("forward", "reduce-scatter", N, 1),
+                                                 ("backward", "reduce-scatter", N, 1), ("backward", "all-gather", N, 2))
+    assert (plan.bytes_sent, sp.bytes_sent) == (4 * N * (t - 1) // t, 5 * N * (t - 1) // t)
+
+
+def test_tensor_split_is_read_as_the_sizes_torch_splits_into():
+    x = torch.empty(2, 7)
+    node = type("Node", (), {"meta": {"val": x}})  # (an fx node's meta is all _sections reads)
+    for parts in [3, 7, 2, [2, -1], [0, 7], [3], [-3, 9]]:
+        assert autoshard._sections(node, parts, 1) == [p.shape[1] for p in torch.tensor_split(x, parts, 1)], parts
+
+
 class WithSquaredSum(nn.Module):
     """x + MLP(x), returned with the sum of its squares (as a loss would be) or alone."""
 
@@ -898,7 +984,7 @@ def task_every_option(ctx, name, t, constraint, B=2, T=4, C=16, H=4):
 
 @pytest.mark.parametrize("constraint", ["none", "activations"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gqa", "chunkeinsum", "moe", "decomposed", "gatedconv",
-                                  "metallama", "max", "nanosp", "tiedgpt"])
+                                  "metallama", "max", "nanosp", "tiedgpt", "convnorms", "writes"])
 def test_every_option_of_every_op_runs_equal(world, name, constraint):
     """t = 2, B = 2, T = 4, C = 16, 4 heads: every factor even, so every index is an option; 2,897 plans in all.
     (Not the models that compute their norms in float32, Mistral's and transformers' Llama: a norm split along C
@@ -929,6 +1015,16 @@ def test_a_llama_7b_shaped_block_is_planned_on_the_meta_device():
     assert sorted(plan.collectives) == collectives(("forward", "all-reduce", n, 2), ("backward", "all-reduce", n, 2))
 
 
+@pytest.mark.parametrize("module_device, input_device", [("cpu", "meta"), ("meta", "cpu"), ("cpu", "cpu")])
+def test_a_module_and_its_inputs_may_be_on_the_meta_device_or_not(module_device, input_device):
+    """Real weights with meta inputs, or the reverse: the trace reads only shapes and dtypes, so the plan is the
+    one found with both on the meta device."""
+    expected = plan_of("llama", t=4, constraint="activations")
+    module, x = built("llama", B, T, C, H, module_device)[0], built("llama", B, T, C, H, input_device)[1]
+    plan = autoshard.discover(module, (x,), 4, constraint="activations")
+    assert (plan.collectives, plan.weights) == (expected.collectives, expected.weights)
+
+
 def test_the_plan_prints_each_weight_and_each_collective():
     plan = plan_of("llama", t=4)
     text = str(plan)
@@ -942,13 +1038,13 @@ def test_the_plan_prints_each_weight_and_each_collective():
 # bad input: one line, a ValueError naming the op or the size
 
 
-class RunningMax(nn.Module):
+class FourierMix(nn.Module):  # FNet's token mixing by a Fourier transform (an op with no rule)
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.lin(x).cummax(1).values
+        return torch.fft.rfft(self.lin(x), dim=1).abs()
 
 
 class Twice(nn.Module):  # W (W x): W's rows and columns are one index (not planned)
@@ -974,8 +1070,8 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: autoshard.discover(RunningMax(), (meta(2, 4, 8),), 2),
-     r"no sharding rule for aten.cummax \(test_autoshard.py:\d+ "),
+    (lambda: autoshard.discover(FourierMix(), (meta(2, 4, 8),), 2),
+     r"no sharding rule for aten._fft_r2c \(test_autoshard.py:\d+ "),
     (lambda: autoshard.discover(TwoInputs(), (meta(2, 4, 8), meta(2, 1, 4, 4)), 2), r"input 1 has 4 dimensions \(2, 1, 4, 4\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 8),), 2), r"input 0 has 2 dimensions \(2, 8\)"),
     (lambda: autoshard.discover(nn.Linear(8, 8), (meta(2, 4, 8),), 2, dims=("B T",)), r"dims\[0\]='B T' names 2"),
@@ -987,6 +1083,8 @@ def meta(*shape):  # small real inputs for real modules: discover computes nothi
     (lambda: autoshard.discover(nn.Linear(8, 8), (3.0,), 2), r"example input 0 is a float"),
     (lambda: autoshard.discover(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)), (meta(2, 4, 8),), 2), r"dropout p=0.1"),
     (lambda: autoshard.discover(nn.Linear(6, 6), (meta(3, 4, 6),), 4), r"no plan for Linear meets constraint='weights'"),
+    (lambda: autoshard.discover(nn.BatchNorm1d(8), (meta(2, 8, 4),), 2, dims="B C T"),
+     r"writes running_mean in its forward: .* eval\(\), or make it track_running_stats=False"),
     (lambda: autoshard.discover(Twice(), (meta(2, 4, 8),), 2), r"lin.weight \(8, 8\) has one index on two axes"),
     (lambda: autoshard.discover(GroupedQuery(16, 4), (meta(2, 4, 16),), 4, constraint="activations"),  # heads (2, 2)
      r"softmax \(test_autoshard.py:\d+ .*\) keeps its output \(2, 4, 4, 4\) for backward and cannot split it 4 ways"),
