@@ -1347,7 +1347,11 @@ def _local_shapes(op, args, placements, g, t):
     elif op.kind in ("split", "split_with_sizes"):
         k = named_args(op.node)["dim"] % len(g.values[o].shape)
         sizes = [local(v, p)[k] if v else None for v, p in zip(op.outputs, placements)]
-        args[1] = sizes if op.kind == "split_with_sizes" else next(s for s in sizes if s)
+        if op.kind == "split":
+            args[1] = next(s for s in sizes if s)
+        else:  # an unused part shrinks as a used one does (equal parts; unequal ones are whole)
+            used, full = next((n, args[1][i]) for i, n in enumerate(sizes) if n is not None)
+            args[1] = [n if n is not None else m * used // full for n, m in zip(sizes, args[1])]
     return op.node.target, args
 
 shard = Sharded  # shard(module, plan, group): module run as `plan` on this rank of `group` (of size plan.t)

@@ -415,11 +415,12 @@ class ConvNorms(nn.Module):
 class Writes(nn.Module):
     """Writes into activations, as code does in place: h[:, 0] = 0 and a slice of T written (copy, slice_scatter),
     h[h > 1] = 0.5 and h[:, [0, -1]] = h[:, [1, 0]] (index_put by a mask and by indices), a cumprod along T,
-    tensor_split into halves multiplied, and the residual copied into a new tensor with copy_."""
+    tensor_split into quarters (a * b + c, the fourth unused), and the residual copied into a new tensor with
+    copy_."""
 
     def __init__(self, C):
         super().__init__()
-        self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(2 * C, C)
+        self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(C, C)
 
     def forward(self, x):
         h = F.gelu(self.up(x)).clone()
@@ -427,8 +428,8 @@ class Writes(nn.Module):
         h[:, 1:3] = h[:, 1:3] * 2
         h[h > 1] = 0.5
         h[:, [0, -1]] = h[:, [1, 0]]
-        a, b = torch.tensor_split(h * torch.sigmoid(h).cumprod(1), 2, dim=-1)
-        return torch.empty_like(x).copy_(x) + self.down(a * b)
+        a, b, c, _ = torch.tensor_split(h * torch.sigmoid(h).cumprod(1), 4, dim=-1)  # (the last quarter unused)
+        return torch.empty_like(x).copy_(x) + self.down(a * b + c)
 
 
 MODELS = {
@@ -735,12 +736,13 @@ def test_batch_and_group_norms_and_pools_split_by_channels(t):
 
 @pytest.mark.parametrize("t", TS)
 def test_writes_into_activations_keep_megatrons_plan(t):
-    """Writes: every write is along T or elementwise, on each rank's channels (the tensor_split's halves each split,
-    each rank both halves' shares, as F.glu's), so the up projection is column-parallel and the down row-parallel:
+    """Writes: every write is along T or elementwise, on each rank's channels (the tensor_split's quarters each
+    split, each rank every quarter's share, as F.glu's halves), so the up projection is column-parallel and the down
+    row-parallel:
     f f̄, 4 (t-1)/t N. Split activations: g (re-gathered once), ḡ: 5 (t-1)/t N."""
     plan = plan_of("writes", t=t)
     assert {w: split_dim(plan, w) for w in plan.weights} == {
-        "up.weight": (0, 2 * C), "up.bias": (0, 2 * C), "down.weight": (1, 2 * C), "down.bias": None}
+        "up.weight": (0, C), "up.bias": (0, C), "down.weight": (1, C), "down.bias": None}
     assert sorted(plan.collectives) == collectives(("forward", "all-reduce", N, 1), ("backward", "all-reduce", N, 1))
     sp = plan_of("writes", t=t, constraint="activations")
     assert sorted(sp.collectives) == collectives(("forward", "all-gather", N, 1), ("forward", "reduce-scatter", N, 1),
