@@ -1098,12 +1098,12 @@ def test_bad_input_is_one_line_value_error(call, message):
 
 
 # ----------------------------------------------------------------------------------------------
-# shard(): on 2 and 4 gloo processes, equal to the unsharded module
+# shard(): on 2, 3 and 4 gloo processes, equal to the unsharded module
 
 
 @st.composite
 def cases(draw, name, constraint):
-    t = draw(st.sampled_from([2, 4]))
+    t = draw(st.sampled_from([2, 3, 4]))
     fewer_kv = name in ("gqa", "mistral", "hfllama", "metallama")  # k, v heads H/2 or H/4
     H = t * draw(st.integers(1, 2)) * (2 if fewer_kv else 1)
     C = H * draw(st.sampled_from([2, 4])) * (4 if name == "narrow" else 1)
