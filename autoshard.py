@@ -493,10 +493,10 @@ def _index_put(g, node, a):
         raise ValueError(f"no sharding rule for index_put by a mask with many values ({source(node)}): the values "
                          f"land in the mask's order; write torch.where(mask, values, x)")
     k, ks = 0, []
-    for i in ins:  # each index covers as many of x's dims as it has (an integer one: one)
-        width = g.shape(i).__len__() if i is not None and i.meta["val"].dtype == torch.bool else 1
+    for i, mask in zip(ins, masks):  # each index covers one of x's dims, a mask as many as it has (its own)
+        width = len(g.shape(i)) if mask else 1
         ks += range(k, k + width) if i is not None else []
-        if i is not None and width > 1:
+        if mask:
             _align(g, node, dx[k:k + width], [i])
         k += width
     if any(masks):
