@@ -415,9 +415,8 @@ class ConvNorms(nn.Module):
 class Writes(nn.Module):
     """Writes into activations, as code does in place: h[:, 0] = 0 and a slice of T written (copy, slice_scatter),
     h[h > 1] = 0.5, h[:, every third of T] = 0.25 and h[:, [0, -1]] = h[:, [1, 0]] (index_put by masks and by
-    indices), a cumprod along T,
-    tensor_split into quarters (a * b + c, the fourth unused), and the residual copied into a new tensor with
-    copy_."""
+    indices), a cumprod along T, tensor_split into quarters (a * b + c, the fourth unused), and the residual
+    copied into a new tensor with copy_."""
 
     def __init__(self, C):
         super().__init__()
@@ -740,8 +739,7 @@ def test_batch_and_group_norms_and_pools_split_by_channels(t):
 def test_writes_into_activations_keep_megatrons_plan(t):
     """Writes: every write is along T or elementwise, on each rank's channels (the tensor_split's quarters each
     split, each rank every quarter's share, as F.glu's halves), so the up projection is column-parallel and the down
-    row-parallel:
-    f f̄, 4 (t-1)/t N. Split activations: g (re-gathered once), ḡ: 5 (t-1)/t N."""
+    row-parallel: f f̄, 4 (t-1)/t N. Split activations: g (re-gathered once), ḡ: 5 (t-1)/t N."""
     plan = plan_of("writes", t=t)
     assert {w: split_dim(plan, w) for w in plan.weights} == {
         "up.weight": (0, C), "up.bias": (0, C), "down.weight": (1, C), "down.bias": None}
