@@ -88,13 +88,11 @@ def _varying_ops(ep):
 aten = torch.ops.aten
 REWRITES = {  # an op: the op it is, and that op's arguments
     "chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-x.meta["val"].shape[dim] // n), dim)),  # ceil(d/n)
-    "unsafe_chunk": lambda x, n, dim=0: (aten.split.Tensor, (x, -(-x.meta["val"].shape[dim] // n), dim)),
     "unsafe_split": lambda x, size, dim=0: (aten.split.Tensor, (x, size, dim)),
-    "tensor_split": lambda x, parts, dim=0: (aten.split_with_sizes.default, (x, _sections(x, parts, dim), dim)),
-    "hsplit": lambda x, parts: (aten.split_with_sizes.default, (x, _sections(x, parts, int(x.meta["val"].dim() > 1)),
-                                                                int(x.meta["val"].dim() > 1))),
-    "vsplit": lambda x, parts: (aten.split_with_sizes.default, (x, _sections(x, parts, 0), 0)),
-    "dsplit": lambda x, parts: (aten.split_with_sizes.default, (x, _sections(x, parts, 2), 2)),
+    "tensor_split": lambda x, parts, dim=0: _split_at(x, parts, dim),
+    "hsplit": lambda x, parts: _split_at(x, parts, int(x.meta["val"].dim() > 1)),
+    "vsplit": lambda x, parts: _split_at(x, parts, 0),
+    "dsplit": lambda x, parts: _split_at(x, parts, 2),
     "type_as": lambda x, other: (aten.to.dtype, (x, other.meta["val"].dtype)),
     "view_as": lambda x, other: (aten.view.default, (x, list(other.meta["val"].shape))),
     "reshape_as": lambda x, other: (aten.reshape.default, (x, list(other.meta["val"].shape))),
@@ -103,6 +101,10 @@ REWRITES = {  # an op: the op it is, and that op's arguments
     "movedim": lambda x, source, destination: (aten.permute.default, (x, _moved(x.meta["val"].dim(), source,
                                                                               destination))),
 } | dict.fromkeys(["swapaxes", "swapdims"], lambda x, a, b: (aten.transpose.int, (x, a, b)))
+REWRITES["unsafe_chunk"] = REWRITES["chunk"]
+
+def _split_at(x, parts, dim):  # tensor_split and its h, v, d forms: the split into the sizes they make
+    return aten.split_with_sizes.default, (x, _sections(x, parts, dim), dim)
 
 def _sections(x, parts, dim):
     """tensor_split's sizes of x's dim: `parts` near-equal ones (the first n % parts one larger), or cut at the
@@ -318,10 +320,10 @@ def _batch_norm(g, node, a):  # x[n, c, ...] per channel c; in training, its sta
                saves=(x,), new=([dx[1]], [dx[1]]))
 
 def _pool(g, node, a):  # x[.., *space] -> y[.., *space']: the last k dims (k = len(kernel_size)) whole
-    x, dx, k = a["self"], g.dims(a["self"]), len(a.get("kernel_size", a.get("output_size")))
-    out = dx[:-k] + _fresh(g, _tensors_of(node.meta["val"])[0].shape[-k:], node.name)
-    avg = "avg" in op_name(node)
-    return Law([out] * len(_tensors_of(node.meta["val"])), whole=tuple(dx[-k:] + out[-k:]),
+    x, dx, k, made = a["self"], g.dims(a["self"]), len(a.get("kernel_size", a.get("output_size"))), _tensors_of(
+        node.meta["val"])  # (y, or y and its indices)
+    out, avg = dx[:-k] + _fresh(g, made[0].shape[-k:], node.name), "avg" in op_name(node)
+    return Law([out] * len(made), whole=tuple(dx[-k:] + out[-k:]),
                linear=((x,),) * avg, saves=(x,) * (not avg))
 
 def _attention(g, node, a):
@@ -438,12 +440,17 @@ def _index(g, node, a):
     the front if those are not adjacent, as torch moves them); the indexed dims whole. index_select: one, at dim."""
     if op_name(node) == "index_select":
         a = a | {"indices": [None] * (a["dim"] % len(g.shape(a["self"]))) + [a["index"]]}
-    x, dx, ks = a["self"], g.dims(a["self"]), [k for k, i in enumerate(a["indices"]) if i is not None]
-    ins = [a["indices"][k] for k in ks]
-    picked = _align(g, node, [()] * (len(g.shape(node)) - len(dx) + len(ks)), ins)
+    x, dx = a["self"], g.dims(a["self"])
+    ks, _, out = _indexed(g, node, dx, a["indices"])
+    return Law([out], whole=tuple(dx[k] for k in ks), linear=((x,),), saves=tuple(a["indices"][k] for k in ks))
+
+def _indexed(g, node, dx, indices):
+    """x[indices] (x's dims dx): the indexed dims, the index tensors' dims broadcast together, and the dims of
+    x[indices], where those replace the indexed dims (moved to the front if not adjacent, as torch moves them)."""
+    ks = [k for k, i in enumerate(indices) if i is not None]
+    picked = _align(g, node, [()] * max(len(g.shape(indices[k])) for k in ks), [indices[k] for k in ks])
     rest = [d for k, d in enumerate(dx) if k not in ks]
-    out = dx[:ks[0]] + picked + dx[ks[-1] + 1:] if ks == list(range(ks[0], ks[-1] + 1)) else picked + rest
-    return Law([out], whole=tuple(dx[k] for k in ks), linear=((x,),), saves=tuple(ins))
+    return ks, picked, dx[:ks[0]] + picked + dx[ks[-1] + 1:] if ks == list(range(ks[0], ks[-1] + 1)) else picked + rest
 
 def _sort(g, node, a):  # topk, sort: the values along dim k and their indices; k whole, the indices kept
     x, dx = a["self"], list(g.dims(a["self"]))
@@ -492,21 +499,17 @@ def _index_put(g, node, a):
     if any(masks) and not (all(m or i is None for m, i in zip(masks, ins)) and v.meta["val"].numel() == 1):
         raise ValueError(f"no sharding rule for index_put by a mask with many values ({source(node)}): the values "
                          f"land in the mask's order; write torch.where(mask, values, x)")
-    k, ks = 0, []
-    for i, mask in zip(ins, masks):  # each index covers one of x's dims, a mask as many as it has (its own)
-        width = len(g.shape(i)) if mask else 1
-        ks += range(k, k + width) if i is not None else []
-        if mask:
-            _align(g, node, dx[k:k + width], [i])
-        k += width
     if any(masks):
+        k = 0
+        for i, mask in zip(ins, masks):  # a mask covers as many of x's dims as it has, from where it stands
+            width = len(g.shape(i)) if mask else 1
+            if mask:
+                _align(g, node, dx[k:k + width], [i])
+            k += width
         return Law([dx], linear=((x, v),), view=True)
-    given = [i for i in ins if i is not None]
-    picked = _align(g, node, [()] * max(len(g.shape(i)) for i in given), given)
-    rest = [d for j, d in enumerate(dx) if j not in ks]
-    written = dx[:ks[0]] + picked + dx[ks[-1] + 1:] if ks == list(range(ks[0], ks[-1] + 1)) else picked + rest
+    ks, picked, written = _indexed(g, node, dx, ins)
     _align(g, node, written, [v])
-    return Law([dx], whole=tuple(dx[j] for j in ks) + tuple(picked), linear=((x, v),))
+    return Law([dx], whole=tuple(dx[k] for k in ks) + tuple(picked), linear=((x, v),))
 
 RULES = [  # ATen ops, rule, indices, cannot split, linear in (P in, P out), keeps for backward
     ("add sub rsub", _pointwise("", "all"), "x[...] y[...] -> z[...] (broadcast)", "-", "x, y together", "-"),
